@@ -77,8 +77,10 @@ class RayExecutor:
     def map(self, fn: Callable[[T], R], items: Sequence[T], desc: str = "") -> list[R]:
         import ray
 
-        remote_fn = ray.remote(num_cpus=self.cpus_per_task, max_retries=2)(fn)
-        refs = [remote_fn.remote(x) for x in items]
+        # ray.remote() refuses functools.partial; ship the callable once and apply it remotely.
+        remote_apply = ray.remote(num_cpus=self.cpus_per_task, max_retries=2)(_apply)
+        fn_ref = ray.put(fn)
+        refs = [remote_apply.remote(fn_ref, x) for x in items]
         pending = list(refs)
         with tqdm(total=len(refs), desc=desc or None, disable=not self.progress, leave=False) as bar:
             while pending:
@@ -91,6 +93,10 @@ class RayExecutor:
 
         if self._started_here and ray.is_initialized():
             ray.shutdown()
+
+
+def _apply(fn: Callable[[T], R], item: T) -> R:
+    return fn(item)
 
 
 def make_executor(kind: str = "local", ray_address: str | None = None, progress: bool = True) -> Executor:

@@ -105,18 +105,13 @@ def process_shard(ctx: RunContext, shard: Shard) -> dict[str, Any]:
     for step in steps:
         stream = step(stream)
 
-    def annotate(docs):
-        for doc in docs:
-            for d in dedups:
-                d.annotate(doc)
-            yield doc
-
-    rows = write_parquet_docs(annotate(stream), stage1 / f"{shard.key}.parquet", internal=True)
+    for d in dedups:  # dedup signals only; the decisions are global (phase 2)
+        stream = d.run(stream)
+    rows = write_parquet_docs(stream, stage1 / f"{shard.key}.parquet", internal=True)
     read_stats = reader.stats
-    if steps:
-        read_stats.docs_out = steps[0].stats.docs_in
-    else:
-        read_stats.docs_out = rows
+    # The reader's input is records, not documents (its skips are in counters by kind), so its
+    # row in the funnel starts at the documents it produced.
+    read_stats.docs_in = read_stats.docs_out
     result = {
         "shard": shard.key,
         "path": shard.path,
@@ -146,7 +141,8 @@ def run_dedup(ctx: RunContext, shards: list[str], executor: Executor) -> tuple[p
         marker = ddir / f"{spec.name}.done.json"
         if marker.exists():
             table = pq.read_table(out)
-            seconds = json.loads(marker.read_text())["seconds"]
+            done = json.loads(marker.read_text())
+            seconds, counters = done["seconds"], done.get("counters", {})
         else:
             step = build(spec.name, spec.params, DEDUP_STEPS)
             t0 = time.perf_counter()
@@ -156,15 +152,17 @@ def run_dedup(ctx: RunContext, shards: list[str], executor: Executor) -> tuple[p
             table = step.find_duplicates(shards, scratch, executor)
             table = table.select(["id", "reason", "duplicate_of"])
             seconds = time.perf_counter() - t0
+            counters = dict(step.stats.counters)
             write_parquet_table(table, out)
             shutil.rmtree(scratch, ignore_errors=True)
-            atomic_write_text(marker, json.dumps({"seconds": seconds}))
+            atomic_write_text(marker, json.dumps({"seconds": seconds, "counters": counters}))
         # Only documents not already dropped by an earlier dedup step count for this one.
         if dropped_ids:
             table = table.filter(pc.invert(pc.is_in(table["id"], pa.array(sorted(dropped_ids)))))
         docs_in = total - len(dropped_ids)
         s = StepStats(spec.name, docs_in=docs_in, docs_out=docs_in - table.num_rows, seconds=seconds)
         s.dropped.update(Counter(table["reason"].to_pylist()))
+        s.counters.update(counters)
         stats.append(s.to_dict())
         dropped_ids.update(table["id"].to_pylist())
         tables.append(table)

@@ -114,6 +114,10 @@ def _dispatch(args: argparse.Namespace, progress: bool) -> int:
         finally:
             ex.shutdown()
         print(f"{manifest['total_tokens']:,} tokens in {len(manifest['shards'])} shards → {args.output}")
+        if manifest.get("failed"):
+            print(f"refinery: error: {len(manifest['failed'])} input files failed: {manifest['failed']}",
+                  file=sys.stderr)
+            return 1
         return 0
     if args.command == "train":
         from training.loop import train_from_cli

@@ -85,6 +85,7 @@ class TrainSection:
     eval_every: int = 0  # optimizer steps between evaluations; 0: only at the end
     eval_batches: int = 20
     eval_batch_size: int | None = None  # None: batch_size
+    eval_at_start: bool = False  # evaluate before the first step (mid-training's baseline)
     log_every: int = 10
     checkpoint_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 3
@@ -293,6 +294,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None,
     if stage is not None:
         if stage not in STAGES:
             raise ConfigError(f"stage must be one of {STAGES}, got {stage!r}")
+        if "stage" in data and data["stage"] != stage:
+            raise ConfigError(f"{path} is a {data['stage']!r} config but the command asked for {stage!r}")
         cfg.stage = stage  # type: ignore[assignment]
     apply_overrides(cfg, overrides or [])
     cfg.validate()

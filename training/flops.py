@@ -41,7 +41,7 @@ def peak_flops(device: torch.device | str | None = None) -> float | None:
     type ("cpu", "cuda", "cuda:1").
     """
     name: str | None
-    if isinstance(device, str) and not device.split(":")[0] in ("cpu", "cuda", "mps", "xpu", "meta"):
+    if isinstance(device, str) and device.split(":")[0] not in ("cpu", "cuda", "mps", "xpu", "meta"):
         name = device
     else:
         dev = torch.device(device) if device is not None else None

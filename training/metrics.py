@@ -1,4 +1,4 @@
-"""Metrics as JSON lines, tokens/s, MFU and bits per byte."""
+"""Metrics as JSON lines and bits per byte (MFU lives next to the peak table in training/flops.py)."""
 
 from __future__ import annotations
 
@@ -9,23 +9,13 @@ from pathlib import Path
 from typing import Any
 
 
-def bits_per_byte(loss_nats: float, tokens: int, utf8_bytes: int) -> float | None:
-    """Per-token loss in nats to bits per UTF-8 byte: the total information (loss * tokens / ln 2 bits)
-    spread over the bytes those tokens encode. Tokenizer-independent, so runs with different
-    vocabularies compare. None when the byte count is unknown."""
-    if tokens <= 0 or utf8_bytes <= 0 or not math.isfinite(loss_nats):
+def bits_per_byte(loss_nats: float, bytes_per_token: float | None) -> float | None:
+    """Per-token loss in nats to bits per UTF-8 byte: ``loss / ln 2`` bits per token spread over the
+    bytes a token encodes on average. Tokenizer-independent, so runs with different vocabularies
+    compare. None when the byte count is unknown."""
+    if not bytes_per_token or bytes_per_token <= 0 or not math.isfinite(loss_nats):
         return None
-    return loss_nats / math.log(2) * tokens / utf8_bytes
-
-
-def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float | None, world_size: int = 1) -> float | None:
-    """Model FLOPs utilisation (PaLM, arXiv:2204.02311 appendix B): achieved model FLOP/s over the
-    hardware peak of all devices. ``flops_per_token`` is the training (forward + backward) count
-    from the model; activation recomputation is deliberately not counted. None without a peak
-    (CPU or an unknown device)."""
-    if not peak_flops or tokens_per_s <= 0:
-        return None
-    return tokens_per_s * flops_per_token / (peak_flops * world_size)
+    return loss_nats / math.log(2) / bytes_per_token
 
 
 class MetricsLog:

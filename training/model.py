@@ -14,7 +14,7 @@ tied embeddings at vocab 32k (1m and 10m at vocab 8k, the tokenizers they are tr
     10m    256   10     8    4   768   ~10M  (8k vocab) CPU pretraining target
     25m    384   10     6    2  1024   ~28M
     60m    512   14     8    4  1408   ~58M
-    125m   768   12    12    4  2048   ~125M (50k vocab) GPT-2 small / Pythia-160m class
+    125m   768   12    12    4  2304   ~121M (50k vocab) GPT-2 small class
     350m  1024   24    16    8  2816   ~334M (50k vocab)
     1b    2048   16    32    8  8192   ~1.03B; Llama-3.2-1B shape (1.24B at its 128k vocab), theta 5e5
 """
@@ -42,7 +42,7 @@ _NAMED_SIZES: dict[str, tuple[int, int, int, int, int, float]] = {
     "10m": (256, 10, 8, 4, 768, 10000.0),
     "25m": (384, 10, 6, 2, 1024, 10000.0),
     "60m": (512, 14, 8, 4, 1408, 10000.0),
-    "125m": (768, 12, 12, 4, 2048, 10000.0),
+    "125m": (768, 12, 12, 4, 2304, 10000.0),
     "350m": (1024, 24, 16, 8, 2816, 10000.0),
     "1b": (2048, 16, 32, 8, 8192, 500000.0),
 }
@@ -274,8 +274,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
+        self.tie_weights()
         # Non-persistent: derived from the config, so checkpoints stay loadable after a theta /
         # scaling / length change (context extension builds a new config and loads the old weights).
         cos, sin = _rope_tables(cfg)
@@ -283,10 +282,17 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self.init_weights()
 
+    def tie_weights(self) -> None:
+        """Share the embedding with the LM head when configured. `to_empty` (meta → device) replaces
+        each module's parameters separately and so unties them: call this after it (init_weights does)."""
+        if self.cfg.tie_embeddings and self.lm_head.weight is not self.embed_tokens.weight:
+            self.lm_head.weight = self.embed_tokens.weight
+
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
         """Normal(0, init_std) weights, residual output projections scaled by 1/sqrt(2·n_layers)
         (GPT-2 / nanoGPT), norms at 1, rope tables recomputed (valid after `to_empty` from meta)."""
+        self.tie_weights()
         generator = None
         if seed is not None:
             generator = torch.Generator(device=self.embed_tokens.weight.device).manual_seed(seed)
@@ -304,6 +310,11 @@ class Transformer(nn.Module):
             block.input_layernorm.reset_parameters()
             block.post_attention_layernorm.reset_parameters()
         self.norm.reset_parameters()
+        self.reset_rope_tables()
+
+    @torch.no_grad()
+    def reset_rope_tables(self) -> None:
+        """Recompute the rotary cos/sin buffers from the config (after `to_empty` or a dtype cast)."""
         cos, sin = _rope_tables(self.cfg, device=self.rope_cos.device)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)

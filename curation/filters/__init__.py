@@ -1,1 +1,1 @@
-"""Document filters: each scores into attributes, then keeps or drops with a reason."""
+"""Document filters and line modifiers: URL blocklists and the Gopher / C4 / FineWeb heuristics."""

@@ -107,7 +107,7 @@ class LanguageFilter(Filter):
         """Top language and its probability. fastText reads one line: newlines become spaces."""
         labels, probs = self.model.predict(text.replace("\n", " "), k=1)
         # The quantized model's softmax can round a hair above 1.0 (1.00004 seen): clamp.
-        return labels[0][len(_LABEL_PREFIX):], min(float(probs[0]), 1.0)
+        return labels[0][len(_LABEL_PREFIX) :], min(float(probs[0]), 1.0)
 
     def annotate(self, doc: Document) -> None:
         if not isinstance(doc.text, str):

@@ -1,0 +1,13 @@
+"""Deduplication, global across shards: exact (normalized-text hash) and MinHash near-duplicates.
+
+Phase 1 (per shard): `step.annotate(doc)` stores the step's signal in an internal attribute
+(`_exact_hash`: signed int64; `_minhash`: little-endian uint32 signature bytes), which the shard
+writer keeps as a Parquet column. Phase 2 (global): `step.find_duplicates(shards, workdir,
+executor)` returns a table (`id`, `reason`, `duplicate_of`) of the documents to drop.
+"""
+
+from curation.dedup.cluster import DedupStep
+from curation.dedup.exact import ExactDedup
+from curation.dedup.minhash import MinHashDedup
+
+__all__ = ["DedupStep", "ExactDedup", "MinHashDedup"]

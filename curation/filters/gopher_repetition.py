@@ -1,0 +1,106 @@
+"""Gopher repetition rules (Rae et al. 2021, appendix A, table A1).
+
+Same rules, order, reasons and defaults as datatrove 0.10.1's `GopherRepetitionFilter`. Table A1:
+
+    duplicate line fraction                 0.30    duplicate paragraph fraction            0.30
+    duplicate line character fraction       0.20    duplicate paragraph character fraction  0.20
+    top 2-gram character fraction           0.20    duplicate 5-gram character fraction     0.15
+    top 3-gram character fraction           0.18    duplicate 6-gram character fraction     0.14
+    top 4-gram character fraction           0.16    duplicate 7-gram character fraction     0.13
+                                                    duplicate 8 / 9 / 10-gram               0.12 / 0.11 / 0.10
+
+n-grams are counted on integer word ids with numpy instead of joined strings (text_stats).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import ClassVar
+
+from curation.document import Document
+from curation.step import Filter
+from curation.text_stats import duplicated_ngram_chars, find_duplicates, top_ngram_chars, view
+
+_PARAGRAPH_SPLIT = re.compile(r"\n{2,}")
+_LINE_SPLIT = re.compile(r"\n+")
+
+
+def _pairs(value: Sequence[Sequence[float]]) -> tuple[tuple[int, float], ...]:
+    """(n, fraction) pairs, accepting YAML lists of lists."""
+    out = []
+    for item in value:
+        n, frac = item
+        if int(n) < 1:
+            raise ValueError(f"n-gram size must be >= 1, got {n!r}")
+        out.append((int(n), float(frac)))
+    return tuple(out)
+
+
+class GopherRepetitionFilter(Filter):
+    name: ClassVar[str] = "gopher_repetition"
+
+    def __init__(
+        self,
+        dup_line_frac: float | None = 0.3,  # Gopher A1
+        dup_para_frac: float | None = 0.3,  # Gopher A1
+        dup_line_char_frac: float | None = 0.2,  # Gopher A1
+        dup_para_char_frac: float | None = 0.2,  # Gopher A1
+        top_n_grams: Sequence[Sequence[float]] = ((2, 0.2), (3, 0.18), (4, 0.16)),  # Gopher A1
+        dup_n_grams: Sequence[Sequence[float]] = (  # Gopher A1
+            (5, 0.15),
+            (6, 0.14),
+            (7, 0.13),
+            (8, 0.12),
+            (9, 0.11),
+            (10, 0.10),
+        ),
+    ) -> None:
+        super().__init__()
+        self.dup_line_frac = dup_line_frac
+        self.dup_para_frac = dup_para_frac
+        self.dup_line_char_frac = dup_line_char_frac
+        self.dup_para_char_frac = dup_para_char_frac
+        self.top_n_grams = _pairs(top_n_grams)
+        self.dup_n_grams = _pairs(dup_n_grams)
+
+    def annotate(self, doc: Document) -> None:
+        text = doc.text
+        a = doc.attributes
+        n_chars = len(text)
+        if not n_chars:
+            a["gopher_rep.empty"] = 1
+            return
+        paragraphs = _PARAGRAPH_SPLIT.split(text.strip())
+        dup, dup_chars = find_duplicates(paragraphs)
+        a["gopher_rep.dup_para_frac"] = dup / len(paragraphs)
+        a["gopher_rep.dup_para_char_frac"] = dup_chars / n_chars
+        lines = _LINE_SPLIT.split(text)
+        dup, dup_chars = find_duplicates(lines)
+        a["gopher_rep.dup_line_frac"] = dup / len(lines)
+        a["gopher_rep.dup_line_char_frac"] = dup_chars / n_chars
+        v = view(text)
+        for n, _ in self.top_n_grams:
+            a[f"gopher_rep.top_{n}gram_frac"] = top_ngram_chars(v, n) / n_chars
+        for n, _ in self.dup_n_grams:
+            a[f"gopher_rep.dup_{n}gram_frac"] = duplicated_ngram_chars(v, n) / n_chars
+
+    def reject(self, doc: Document) -> str | None:
+        a = doc.attributes
+        if a.get("gopher_rep.empty"):
+            return "gopher_rep.empty"
+        if self.dup_para_frac and a["gopher_rep.dup_para_frac"] > self.dup_para_frac:
+            return "gopher_rep.dup_para_frac"
+        if self.dup_para_char_frac and a["gopher_rep.dup_para_char_frac"] > self.dup_para_char_frac:
+            return "gopher_rep.dup_para_char_frac"
+        if self.dup_line_frac and a["gopher_rep.dup_line_frac"] > self.dup_line_frac:
+            return "gopher_rep.dup_line_frac"
+        if self.dup_line_char_frac and a["gopher_rep.dup_line_char_frac"] > self.dup_line_char_frac:
+            return "gopher_rep.dup_line_char_frac"
+        for n, frac in self.top_n_grams:
+            if a[f"gopher_rep.top_{n}gram_frac"] > frac:
+                return f"gopher_rep.top_{n}_gram"
+        for n, frac in self.dup_n_grams:
+            if a[f"gopher_rep.dup_{n}gram_frac"] > frac:
+                return f"gopher_rep.duplicated_{n}_n_grams"
+        return None

@@ -1,0 +1,458 @@
+"""Read web archives into Documents: WARC (0.17/1.0/1.1), WET and legacy ARC; plain or gzip.
+
+WARC and WET go through FastWARC (measured 1.7x faster than warcio on the pages shards, see
+`docs/benchmarks.md`); ARC, which FastWARC does not parse, goes through warcio's `arc2warc`.
+Gzip comes in two layouts: one member per record (Common Crawl; record offsets then point at the
+member, as in the CC index) or one stream for the whole file (older crawls, the CC-2016 WET
+fragments). The latter is decompressed in Python first, so offsets are positions in the
+decompressed stream, and warcio, which refuses such files, can read ARC in that layout too.
+
+Only HTTP `response` records with an accepted status and an HTML content type, and WET
+`conversion` records, become Documents. Everything else is counted in `stats.counters` under
+`skipped.<why>` so the read funnel adds up. A truncated or corrupt file yields what came before
+the fault, then one counted `read.malformed` error (file, offset, message) and the file ends.
+"""
+
+from __future__ import annotations
+
+import codecs
+import gzip
+import hashlib
+import io
+import os
+import time
+import zlib
+from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime
+from typing import Any, BinaryIO
+
+from curation.document import Document
+from curation.read.inputs import open_input
+from curation.step import StepStats
+
+HTML_CONTENT_TYPES = ("text/html", "application/xhtml+xml")
+# A gzip file whose first member is still open after this much input is treated as one stream.
+_MEMBER_PROBE_BYTES = 4 << 20
+_DRAIN_CHUNK = 1 << 16
+_INPUT_FAULTS = (OSError, EOFError, zlib.error, UnicodeError)
+_PARSER_FAULTS = frozenset({"ArchiveLoadFailed", "StatusAndHeadersParserException"})
+
+
+class MalformedArchive(Exception):
+    """A record or stream fault after which the rest of the file cannot be trusted."""
+
+    def __init__(self, message: str, offset: int) -> None:
+        super().__init__(message)
+        self.offset = offset
+
+
+class WarcReader:
+    """Yields one Document per usable record of a WARC / WET / ARC file.
+
+    `read(path)` counts into `self.stats` (a `StepStats("read")`): `docs_out` (documents it
+    yielded), `seconds` (its own time, not the consumer's), `counters["records"]` and
+    `counters["skipped.<why>"]`, and `errors["read.malformed"]` with samples naming file and
+    offset. `docs_in` stays 0: a reader has no upstream documents.
+    """
+
+    name = "read"
+
+    def __init__(
+        self,
+        source: str = "common-crawl",
+        added: str = "",
+        statuses: Iterable[int] = (200,),
+        content_types: Iterable[str] = HTML_CONTENT_TYPES,
+        max_payload_bytes: int = 10_000_000,
+        cache_dir: str | None = None,
+    ) -> None:
+        self.source = source
+        self.added = added
+        self.statuses = frozenset(int(s) for s in statuses)
+        self.content_types = frozenset(c.lower() for c in content_types)
+        # Larger payloads are skipped unread. Common Crawl cuts payloads at a few MiB itself
+        # (marked WARC-Truncated), so 10 MB only bites on other crawls' videos and archives.
+        self.max_payload_bytes = max_payload_bytes
+        self.cache_dir = cache_dir
+        self.stats = StepStats(self.name)
+
+    # -- public -------------------------------------------------------------------------------
+
+    def read(self, path: str) -> Iterator[Document]:
+        """Documents of one archive file, in file order. Never raises for a bad file."""
+        fname = os.path.basename(str(path).rstrip("/"))
+        stats = self.stats
+        cursor = _Cursor()
+        t0 = time.perf_counter()
+        try:
+            with open_input(path, self.cache_dir) as raw:
+                stream, fmt = _prepare(raw)
+                records = self._warc(stream, fname, cursor) if fmt == "warc" else self._arc(stream, fname, cursor)
+                for doc in records:
+                    stats.docs_out += 1
+                    stats.seconds += time.perf_counter() - t0
+                    yield doc
+                    t0 = time.perf_counter()
+        except MalformedArchive as e:
+            stats.error("read.malformed", file=str(path), offset=e.offset, message=str(e))
+        except Exception as e:  # noqa: BLE001 - one bad file must not end the job
+            # I/O, gzip and parser faults (OSError, EOFError, zlib.error, warcio's ArchiveLoadFailed)
+            # are damaged input; anything else is counted apart so a bug does not pass as bad data.
+            kind = "read.malformed" if isinstance(e, _INPUT_FAULTS) or type(e).__name__ in _PARSER_FAULTS else "read.error"
+            stats.error(kind, file=str(path), offset=cursor.offset, message=f"{type(e).__name__}: {e}")
+        stats.seconds += time.perf_counter() - t0
+
+    # -- WARC / WET (FastWARC) ----------------------------------------------------------------
+
+    def _warc(self, stream: BinaryIO, fname: str, cursor: _Cursor) -> Iterator[Document]:
+        from fastwarc.warc import ArchiveIterator, WarcRecordType
+
+        counters = self.stats.counters
+        response, conversion = WarcRecordType.response, WarcRecordType.conversion
+        it = ArchiveIterator(stream, record_types=WarcRecordType.any_type, parse_http=False, fsspec_args=False)
+        for rec in it:
+            cursor.offset = rec.stream_pos
+            counters["records"] += 1
+            if rec.headers.get("Content-Length") is None:
+                # FastWARC accepts a header block cut off by the end of the file as a record.
+                raise MalformedArchive("record header without Content-Length (truncated?)", rec.stream_pos)
+            rtype = rec.record_type
+            if rtype == response:
+                doc = self._warc_response(rec, fname)
+            elif rtype == conversion:
+                doc = self._warc_conversion(rec, fname)
+            else:
+                _drain(rec.reader, rec.content_length, rec.stream_pos)
+                counters[f"skipped.{_type_name(rtype)}"] += 1
+                continue
+            if doc is not None:
+                yield doc
+
+    def _warc_response(self, rec: Any, fname: str) -> Document | None:
+        counters = self.stats.counters
+        try:
+            rec.parse_http()
+        except OSError:
+            counters["skipped.bad_http"] += 1
+            _drain(rec.reader, rec.content_length, rec.stream_pos)
+            return None
+        if not rec.is_http or rec.http_headers is None:  # dns:, whois:, ... captures
+            counters["skipped.non_http"] += 1
+            _drain(rec.reader, rec.content_length, rec.stream_pos)
+            return None
+        http = rec.http_headers
+        status = http.status_code
+        ctype = (rec.http_content_type or "").lower()
+        reason = self._skip_reason(status, ctype, rec.content_length)
+        if reason is not None:
+            counters[reason] += 1
+            _drain(rec.reader, rec.content_length, rec.stream_pos)
+            return None
+        body = _read_exact(rec.reader, rec.content_length, rec.stream_pos)
+        body = self._decode_body(body, http.get("Transfer-Encoding"), http.get("Content-Encoding"))
+        if body is None:
+            return None
+        if not ctype and not _looks_like_html(body):
+            counters["skipped.non_html"] += 1
+            return None
+        headers = rec.headers
+        if headers.get("WARC-Truncated"):
+            counters["truncated_payload"] += 1  # kept: the start of a page still extracts well
+        url = headers.get("WARC-Target-URI", "")
+        date = _iso_date(headers.get("WARC-Date", ""))
+        rid = _record_uuid(headers.get("WARC-Record-ID"), url, date)
+        return self._doc(rid, url, date, fname, rec.stream_pos, ctype or None, status, raw=body,
+                         charset=rec.http_charset, record_id=headers.get("WARC-Record-ID", ""))
+
+    def _warc_conversion(self, rec: Any, fname: str) -> Document:
+        body = _read_exact(rec.reader, rec.content_length, rec.stream_pos)
+        headers = rec.headers
+        url = headers.get("WARC-Target-URI", "")
+        date = _iso_date(headers.get("WARC-Date", ""))
+        rid = _record_uuid(headers.get("WARC-Record-ID"), url, date)
+        ctype = (headers.get("Content-Type") or "text/plain").split(";")[0].strip().lower()
+        doc = self._doc(rid, url, date, fname, rec.stream_pos, ctype, None, raw=None, charset=None,
+                        record_id=headers.get("WARC-Record-ID", ""))
+        # WET text is UTF-8 by Common Crawl's spec; replace rather than drop the odd bad byte.
+        doc.text = body.decode("utf-8", errors="replace")
+        lang = headers.get("WARC-Identified-Content-Language")
+        if lang:
+            doc.metadata["cc_lang"] = lang
+        return doc
+
+    # -- ARC (warcio) -------------------------------------------------------------------------
+
+    def _arc(self, stream: BinaryIO, fname: str, cursor: _Cursor) -> Iterator[Document]:
+        from warcio.archiveiterator import ArchiveIterator
+
+        counters = self.stats.counters
+        it = ArchiveIterator(stream, arc2warc=True)
+        for rec in it:
+            counters["records"] += 1
+            if rec.rec_type != "response":
+                rec.raw_stream.read()
+                cursor.offset = it.get_record_offset()
+                counters[f"skipped.{rec.rec_type}"] += 1
+                continue
+            http = rec.http_headers
+            if http is None:
+                rec.raw_stream.read()
+                cursor.offset = it.get_record_offset()
+                counters["skipped.non_http"] += 1
+                continue
+            try:
+                status = int(http.get_statuscode() or 0)
+            except ValueError:
+                status = 0
+            ctype_header = http.get_header("Content-Type") or ""
+            ctype = ctype_header.split(";")[0].strip().lower()
+            reason = self._skip_reason(status, ctype, rec.length)
+            body = rec.raw_stream.read()
+            # warcio only knows the offset once the record has been read to its end.
+            cursor.offset = offset = it.get_record_offset()
+            if reason is not None:
+                counters[reason] += 1
+                continue
+            body = self._decode_body(body, http.get_header("Transfer-Encoding"), http.get_header("Content-Encoding"))
+            if body is None:
+                continue
+            if not ctype and not _looks_like_html(body):
+                counters["skipped.non_html"] += 1
+                continue
+            url = rec.rec_headers.get_header("WARC-Target-URI") or ""
+            date = _iso_date(rec.rec_headers.get_header("WARC-Date") or "")
+            # warcio's arc2warc invents a random WARC-Record-ID on every run: derive a stable id.
+            rid = _record_uuid(None, url, date)
+            yield self._doc(rid, url, date, fname, offset, ctype or None, status, raw=body,
+                            charset=_charset_from_content_type(ctype_header), record_id="")
+
+    # -- shared -------------------------------------------------------------------------------
+
+    def _skip_reason(self, status: int, ctype: str, length: int) -> str | None:
+        if status not in self.statuses:
+            return f"skipped.status_{status}"
+        if ctype and ctype not in self.content_types:
+            return "skipped.non_html"
+        if length > self.max_payload_bytes:
+            return "skipped.too_large"
+        return None
+
+    def _decode_body(self, body: bytes, transfer: str | None, content: str | None) -> bytes | None:
+        try:
+            return decode_http_payload(body, transfer, content, self.max_payload_bytes)
+        except (ValueError, zlib.error, OSError, ImportError) as e:
+            self.stats.counters["skipped.bad_encoding"] += 1
+            if len(self.stats.samples) < StepStats.MAX_SAMPLES:
+                self.stats.samples.append({"kind": "read.bad_encoding", "message": str(e)})
+            return None
+
+    def _doc(self, rid: str, url: str, date: str, fname: str, offset: int, ctype: str | None,
+             status: int | None, *, raw: bytes | None, charset: str | None, record_id: str) -> Document:
+        return Document(
+            id=rid,
+            text="",
+            source=self.source,
+            added=self.added,
+            created=date,
+            metadata={
+                "url": url,
+                "warc_date": date,
+                "warc_record_id": record_id,
+                "warc_file": fname,
+                "warc_offset": offset,
+                "content_type": ctype,
+                "status": status,
+            },
+            raw=raw,
+            charset=charset,
+        )
+
+
+class _Cursor:
+    """Last known record offset, for the error report when a parser raises."""
+
+    __slots__ = ("offset",)
+
+    def __init__(self) -> None:
+        self.offset = 0
+
+
+# -- stream set-up ------------------------------------------------------------------------------
+
+
+def _prepare(raw: BinaryIO) -> tuple[BinaryIO, str]:
+    """Pick the decompression layout and the format ("warc" or "arc") from the first bytes."""
+    head = raw.read(2)
+    raw.seek(0)
+    stream: BinaryIO = raw
+    if head == b"\x1f\x8b" and not _multi_member(raw):
+        stream = gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[assignment]
+        first = stream.peek(16)[:16] if hasattr(stream, "peek") else b""
+    elif head == b"\x1f\x8b":
+        first = _gunzip_head(raw, 16)
+    else:
+        first = raw.read(16)
+        raw.seek(0)
+    if first.startswith(b"WARC/"):
+        return stream, "warc"
+    if first.startswith(b"filedesc://"):
+        return stream, "arc"
+    raise MalformedArchive(f"not a WARC or ARC file (starts with {first[:16]!r})", 0)
+
+
+def _multi_member(raw: BinaryIO) -> bool:
+    """True when the first gzip member ends before the file does (one member per record)."""
+    d = zlib.decompressobj(wbits=31)
+    read = 0
+    try:
+        while read < _MEMBER_PROBE_BYTES:
+            chunk = raw.read(_DRAIN_CHUNK)
+            if not chunk:
+                return False
+            read += len(chunk)
+            d.decompress(chunk, 1 << 16)
+            # Drain what the output cap held back, so `eof` reflects the whole chunk.
+            while d.unconsumed_tail and not d.eof:
+                d.decompress(d.unconsumed_tail, 1 << 16)
+            if d.eof:
+                return bool(d.unused_data) or bool(raw.read(1))
+        return False
+    except zlib.error:
+        return True  # let the record parser report the fault with its offset
+    finally:
+        raw.seek(0)
+
+
+def _gunzip_head(raw: BinaryIO, n: int) -> bytes:
+    d = zlib.decompressobj(wbits=31)
+    try:
+        return d.decompress(raw.read(_DRAIN_CHUNK), n)
+    except zlib.error:
+        return b""
+    finally:
+        raw.seek(0)
+
+
+# -- record helpers -----------------------------------------------------------------------------
+
+
+def _read_exact(reader: Any, length: int, offset: int) -> bytes:
+    body = reader.read()
+    if len(body) < length:
+        raise MalformedArchive(f"record truncated: {len(body)} of {length} payload bytes", offset)
+    return body
+
+
+def _drain(reader: Any, length: int, offset: int) -> None:
+    """Skip a record's payload, still noticing when the file ends inside it."""
+    n = 0
+    while True:
+        chunk = reader.read(_DRAIN_CHUNK)
+        if not chunk:
+            break
+        n += len(chunk)
+    if n < length:
+        raise MalformedArchive(f"record truncated: {n} of {length} payload bytes", offset)
+
+
+def _type_name(rtype: Any) -> str:
+    return str(rtype).rsplit(".", 1)[-1]
+
+
+def _record_uuid(record_id: str | None, url: str, date: str) -> str:
+    """The uuid of `<urn:uuid:...>`; without a record id, a stable sha1 of url and date."""
+    if record_id:
+        rid = record_id.strip().strip("<>")
+        # UUIDs are case-insensitive; some crawlers (wget) write them upper-case.
+        return rid[len("urn:uuid:"):].lower() if rid.startswith("urn:uuid:") else rid
+    return hashlib.sha1(f"{url} {date}".encode()).hexdigest()
+
+
+def _iso_date(value: str) -> str:
+    """WARC-Date as ISO 8601 UTC (`2024-05-17T23:31:22Z`); ARC's 14-digit form converted."""
+    value = value.strip()
+    if not value:
+        return ""
+    try:
+        if value.isdigit() and len(value) == 14:
+            dt = datetime.strptime(value, "%Y%m%d%H%M%S").replace(tzinfo=UTC)
+        else:
+            dt = datetime.fromisoformat(value)
+            dt = dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
+    except ValueError:
+        return value
+    return dt.isoformat().replace("+00:00", "Z")
+
+
+def _charset_from_content_type(header: str) -> str | None:
+    for part in header.split(";")[1:]:
+        key, _, val = part.partition("=")
+        if key.strip().lower() == "charset":
+            name = val.strip().strip("\"'")
+            try:
+                return codecs.lookup(name).name
+            except LookupError:
+                return None
+    return None
+
+
+def _looks_like_html(body: bytes) -> bool:
+    """Content sniffing for responses that declare no Content-Type."""
+    head = body[:1024].lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    return head.startswith((b"<!doctype html", b"<html", b"<head", b"<!--")) or b"<html" in head
+
+
+def decode_http_payload(body: bytes, transfer: str | None, content: str | None, limit: int) -> bytes:
+    """Undo HTTP transfer and content codings (chunked, gzip, deflate, br), capped at `limit`."""
+    if transfer and "chunked" in transfer.lower():
+        body = _dechunk(body)
+    if content:
+        for coding in reversed([c.strip().lower() for c in content.split(",") if c.strip()]):
+            if coding in ("gzip", "x-gzip"):
+                # Crawlers (CC 2014 among them) often store the decoded body under the original
+                # header: without the gzip magic there is nothing to undo.
+                if body[:2] == b"\x1f\x8b":
+                    body = _inflate(body, 31, limit)
+            elif coding == "deflate":
+                try:
+                    body = _inflate(body, 15, limit)
+                except zlib.error:  # servers often send raw deflate without the zlib header
+                    body = _inflate(body, -15, limit)
+            elif coding == "br":
+                import brotli  # type: ignore[import-not-found]
+
+                body = brotli.decompress(body)
+            elif coding != "identity":
+                raise ValueError(f"unsupported Content-Encoding {coding!r}")
+    return body
+
+
+def _inflate(data: bytes, wbits: int, limit: int) -> bytes:
+    d = zlib.decompressobj(wbits=wbits)
+    out = d.decompress(data, limit + 1)
+    if len(out) > limit:
+        raise ValueError(f"decoded payload exceeds {limit} bytes")
+    return out
+
+
+def _dechunk(body: bytes) -> bytes:
+    """Decode HTTP/1.1 chunked framing. Archives sometimes store an already-dechunked body
+    under a `chunked` header: if the framing does not parse, the body is kept as it is."""
+    out = io.BytesIO()
+    pos = 0
+    n = len(body)
+    while pos < n:
+        eol = body.find(b"\r\n", pos)
+        if eol < 0:
+            return body
+        size_field = body[pos:eol].split(b";", 1)[0].strip()
+        try:
+            size = int(size_field, 16)
+        except ValueError:
+            return body
+        if size == 0:
+            return out.getvalue()
+        start = eol + 2
+        out.write(body[start:start + size])
+        pos = start + size + 2
+    return out.getvalue()

@@ -1,0 +1,256 @@
+"""Extract: decoding, main-text extraction, counted drops, the per-page time limit, and the score
+of both extractors on the trafilatura evaluation set (../shared/data/extraction/evaldata.json)."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from curation.document import Document
+from curation.extract import Extract, ExtractTimeout, decode_html, run_with_timeout
+from curation.read import WarcReader
+
+ARTICLE = (
+    "<html><head><title>News</title></head><body>"
+    "<nav><a href='/'>Home</a> <a href='/about'>About us</a> <a href='/impressum'>Impressum</a></nav>"
+    "<article><h1>The river rose overnight</h1>"
+    "<p>Residents of the old town woke to water in their cellars after two days of heavy rain.</p>"
+    "<p>The fire brigade pumped out more than forty houses and reopened the bridge by noon.</p>"
+    "</article><footer>Copyright 2024 Example Media. All rights reserved.</footer></body></html>"
+)
+
+
+def _doc(raw: bytes | None, charset: str | None = None, text: str = "") -> Document:
+    return Document(id="d1", text=text, source="test", raw=raw, charset=charset, metadata={"url": "http://x/"})
+
+
+def test_html_becomes_main_text_and_raw_is_cleared() -> None:
+    step = Extract()
+    (doc,) = step([_doc(ARTICLE.encode(), "utf-8")])
+    assert "heavy rain" in doc.text and "forty houses" in doc.text
+    assert "Impressum" not in doc.text and "All rights reserved" not in doc.text
+    assert doc.raw is None and doc.charset is None
+    assert (step.stats.docs_in, step.stats.docs_out) == (1, 1)
+
+
+def test_wet_text_passes_through_untouched() -> None:
+    wet = _doc(None, text="Already extracted.\nSecond line.")
+    wet.metadata["cc_lang"] = "eng"
+    step = Extract()
+    (out,) = step([wet])
+    assert out is wet and out.text == "Already extracted.\nSecond line." and out.metadata["cc_lang"] == "eng"
+    assert not step.stats.dropped
+
+
+CYRILLIC = "Привет, мир! Это длинный абзац текста о погоде в Москве и Санкт-Петербурге."
+
+
+def test_declared_charset_decodes_the_page() -> None:
+    raw = f"<html><body><p>{CYRILLIC}</p></body></html>".encode("cp1251")
+    assert CYRILLIC in decode_html(raw, "cp1251")
+
+
+def test_meta_charset_is_used_when_the_header_is_silent() -> None:
+    raw = f'<html><head><meta charset="windows-1251"></head><body><p>{CYRILLIC}</p></body></html>'.encode("cp1251")
+    assert CYRILLIC in decode_html(raw, None)
+
+
+def test_wrong_declared_charset_falls_back_to_the_page_declaration() -> None:
+    text = "Grüße aus Köln, schöne Straße"
+    raw = f'<html><head><meta charset="windows-1252"></head><body><p>{text}</p></body></html>'.encode("cp1252")
+    assert text in decode_html(raw, "utf-8")  # cp1252 umlauts are invalid UTF-8
+
+
+def test_byte_order_mark_beats_every_declaration() -> None:
+    raw = "\ufeff<html><head><meta charset='iso-8859-1'></head><body>Grüße</body></html>".encode("utf-8")
+    assert decode_html(raw, "iso-8859-1").startswith("<html>") and "Grüße" in decode_html(raw, "iso-8859-1")
+
+
+def test_drops_are_counted_by_reason() -> None:
+    step = Extract(max_html_bytes=len(ARTICLE) + 10, min_chars=20)
+    docs = [
+        _doc(ARTICLE.encode() + b" " * 100),  # too large
+        _doc(b"<html><body><script>var x = 1;</script></body></html>"),  # no text at all
+        _doc(b"<html><body><p>Too short.</p></body></html>"),  # under min_chars
+        _doc(None),  # neither HTML nor text
+        _doc(ARTICLE.encode()),
+    ]
+    out = list(step(docs))
+    assert len(out) == 1
+    assert dict(step.stats.dropped) == {"extract.too_large": 1, "extract.empty": 3}
+
+
+def test_extractor_failure_is_counted_and_the_run_goes_on() -> None:
+    step = Extract()
+    real = step._extract
+
+    def flaky(html: str) -> str:
+        if "BROKEN" in html:
+            raise RuntimeError("parser exploded")
+        return real(html)
+
+    step._extract = flaky
+    out = list(step([_doc(b"<p>BROKEN</p>"), _doc(ARTICLE.encode())]))
+    assert len(out) == 1 and step.stats.dropped["extract.error"] == 1
+    assert "parser exploded" in step.stats.samples[0]["message"]
+
+
+def _slow_on_marker(real):  # type: ignore[no-untyped-def]
+    """Spins in Python on pages containing SLOW; gives up after 30 s so a broken limit fails, not hangs."""
+
+    def extract(html: str) -> str:
+        if "SLOW" in html:
+            end = time.monotonic() + 30
+            while time.monotonic() < end:
+                pass
+            return "finished despite the limit"
+        return real(html)
+
+    return extract
+
+
+def _run_with_slow_page() -> Extract:
+    step = Extract(timeout_s=0.2)
+    step._extract = _slow_on_marker(step._extract)
+    out = list(step([_doc(b"<p>SLOW</p>"), _doc(ARTICLE.encode())]))
+    assert [d.text for d in out if "finished" in d.text] == []
+    assert len(out) == 1 and "heavy rain" in out[0].text
+    return step
+
+
+def test_slow_page_times_out_in_the_main_thread_and_the_next_page_is_extracted() -> None:
+    assert threading.current_thread() is threading.main_thread()
+    step = _run_with_slow_page()
+    assert step.stats.dropped["extract.timeout"] == 1 and step.stats.errors["extract.timeout"] == 1
+
+
+def test_slow_page_times_out_in_a_worker_thread_too() -> None:
+    result: dict[str, object] = {}
+
+    def work() -> None:
+        try:
+            result["step"] = _run_with_slow_page()
+        except BaseException as e:  # noqa: BLE001 - surface the failure in the main thread
+            result["error"] = e
+
+    t = threading.Thread(target=work)
+    t.start()
+    t.join()
+    assert "error" not in result, result.get("error")
+    assert result["step"].stats.dropped["extract.timeout"] == 1  # type: ignore[attr-defined]
+
+
+def test_time_limit_restores_an_outer_alarm_handler() -> None:
+    calls: list[int] = []
+
+    def outer(signum: int, frame: object) -> None:
+        calls.append(signum)
+
+    previous = signal.signal(signal.SIGALRM, outer)
+    try:
+        assert run_with_timeout(str.upper, "ok", 1.0) == "OK"
+        with pytest.raises(ExtractTimeout):
+            run_with_timeout(_slow_on_marker(str), "SLOW", 0.05)
+        assert signal.getsignal(signal.SIGALRM) is outer and calls == []
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_unknown_extractor_is_rejected_at_construction() -> None:
+    with pytest.raises(ValueError, match="unknown extractor"):
+        Extract(extractor="boilerpipe")
+
+
+# -- evaluation on real pages -------------------------------------------------------------------
+
+_WS = re.compile(r"\s+")
+
+
+def _norm(s: str) -> str:
+    return _WS.sub(" ", s).strip()
+
+
+def _page_url(key: str) -> list[str]:
+    """evaldata keys are URLs with stray spaces, an 'x' typo, or bare names the WARC prefixed."""
+    key = key.strip()
+    if key.startswith("xhttp"):
+        key = key[1:]
+    return [key] if "://" in key else [key, "https://" + key]
+
+
+@pytest.fixture(scope="module")
+def eval_pages(shared_data: Path) -> tuple[list[tuple[str, dict]], dict[str, Document]]:  # type: ignore[type-arg]
+    pages: dict[str, Document] = {}
+    reader = WarcReader()
+    for path in sorted((shared_data / "warc" / "pages").glob("*.warc.gz")):
+        for doc in reader.read(str(path)):
+            pages.setdefault(doc.metadata["url"], doc)  # 11 URLs were fetched twice: keep the first
+    evaldata = json.loads((shared_data / "extraction" / "evaldata.json").read_text())
+    entries = []
+    for key, entry in evaldata.items():
+        url = next(u for u in _page_url(key) if u in pages)
+        entries.append((url, entry))
+    return entries, pages
+
+
+def _score(extractor: str, entries: list[tuple[str, dict]], pages: dict[str, Document]) -> tuple[float, float, float]:  # type: ignore[type-arg]
+    urls = sorted({u for u, _ in entries})
+    docs = [Document(id=pages[u].id, text="", source="t", metadata=dict(pages[u].metadata),
+                     raw=pages[u].raw, charset=pages[u].charset) for u in urls]
+    step = Extract(extractor=extractor)
+    t0 = time.perf_counter()
+    texts = {d.metadata["url"]: _norm(d.text) for d in step(docs)}
+    pages_per_s = len(docs) / (time.perf_counter() - t0)
+    found = total_with = avoided = total_without = 0
+    for url, entry in entries:
+        text = texts.get(url, "")  # a dropped page finds nothing and avoids everything
+        total_with += len(entry["with"])
+        found += sum(_norm(s) in text for s in entry["with"])
+        total_without += len(entry["without"])
+        avoided += sum(_norm(s) not in text for s in entry["without"])
+    return found / total_with, avoided / total_without, pages_per_s
+
+
+@pytest.mark.integration
+def test_every_evaldata_entry_maps_to_a_page_in_the_warc_shards(eval_pages) -> None:  # type: ignore[no-untyped-def]
+    entries, pages = eval_pages
+    assert len(entries) == 990 and len(pages) == 1033
+
+
+@pytest.mark.integration
+def test_resiliparse_finds_must_have_snippets_and_avoids_boilerplate(eval_pages) -> None:  # type: ignore[no-untyped-def]
+    entries, pages = eval_pages
+    found, avoided, pps = _score("resiliparse", entries, pages)
+    print(f"\nresiliparse on all {len(entries)} evaldata entries ({len({u for u, _ in entries})} pages): "
+          f"must-have found {found:.1%}, "
+          f"must-not avoided {avoided:.1%}, {pps:.0f} pages/s")
+    # Measured 95.3% / 74.3% (2026-11-28); floors a little under.
+    assert found >= 0.94
+    assert avoided >= 0.72
+
+
+@pytest.mark.integration
+def test_trafilatura_finds_must_have_snippets_and_avoids_boilerplate(eval_pages) -> None:  # type: ignore[no-untyped-def]
+    entries, pages = eval_pages
+    sample = entries[::8]  # trafilatura runs ~14 pages/s here: every 8th entry keeps this test short
+    found, avoided, pps = _score("trafilatura", sample, pages)
+    print(f"\ntrafilatura on {len(sample)} of {len(entries)} evaldata entries: must-have found {found:.1%}, "
+          f"must-not avoided {avoided:.1%}, {pps:.1f} pages/s")
+    # Full set measured 92.3% / 90.1%; this sample: see the printed figures. Floors a little under.
+    assert found >= 0.88
+    assert avoided >= 0.86
+
+
+@pytest.mark.parametrize("extractor", ["resiliparse", "trafilatura"])
+def test_step_survives_pickling_for_ray_workers(extractor: str) -> None:
+    import pickle
+
+    step = pickle.loads(pickle.dumps(Extract(extractor=extractor)))
+    (doc,) = step([_doc(ARTICLE.encode(), "utf-8")])
+    assert "forty houses" in doc.text

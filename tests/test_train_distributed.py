@@ -1,0 +1,109 @@
+"""Data parallelism on CPU with gloo: 2 ranks under torchrun train exactly like 1 process with the
+same global batch, for DDP and for FSDP2 (``fully_shard``, which runs on CPU/gloo in torch 2.13)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from curation.tokenize import tokenize_corpus
+from curation.tokenizer import train_tokenizer
+from training.checkpoint import load_model_file
+from training.config import load_config
+from training.loop import train
+from training.metrics import read_metrics
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# Gradients are reduced in a different order than one process sums them: equal to rounding.
+TOLERANCE = 1e-5
+LR = 5e-3
+# Adam divides each update by sqrt(v): where a gradient is near zero, a rounding difference in it
+# moves that weight by a visible fraction of one step's size (at most ~lr). Measured: ~1% of lr;
+# allowed: 10%. A wrong reduction (a rank's gradient dropped or doubled) already shows in grad_norm.
+PARAM_TOLERANCE = 0.1 * LR
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # see test_train_loop.py: shared cores, no OpenMP oversubscription
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tokens(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tokens")
+    text = (shared_data / "text" / "tinyshakespeare" / "input.txt").read_text()
+    cut = int(len(text) * 0.9)
+    for name, part in (("train", text[:cut]), ("heldout", text[cut:])):
+        (root / f"{name}_txt").mkdir()
+        (root / f"{name}_txt" / f"{name}.txt").write_text(part)
+    tok = train_tokenizer([root / "train_txt"], 512, root / "tokenizer" / "tokenizer.json")
+    for name in ("train", "heldout"):
+        tokenize_corpus(root / f"{name}_txt", tok, root / name, suffixes=(".txt",))
+    return {"train": root / "train", "heldout": root / "heldout"}
+
+
+def _overrides(tokens: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    # Two micro-batches per step: the no-sync path of gradient accumulation is exercised too.
+    return ["model.size=1m", f"data.mix={tokens['train']}", f"data.eval={tokens['heldout']}",
+            "data.seq_len=64", "train.batch_size=8", "optim.grad_accum=2", f"optim.lr={LR}", "optim.warmup=2",
+            "train.steps=4", "train.eval_batches=1", "train.log_every=1", "train.progress=false",
+            "train.export_hf=false", f"train.out_dir={out}", *extra]
+
+
+@pytest.fixture(scope="module")
+def single(tokens: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("single")
+    torch.set_num_threads(1)
+    train(load_config(None, _overrides(tokens, out)))
+    return out
+
+
+def _torchrun(tokens: dict[str, Path], out: Path, parallel: str, tmp_path: Path) -> None:
+    config = tmp_path / "cfg.yaml"
+    config.write_text("stage: pretrain\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "training.loop", "pretrain", str(config),
+           *_overrides(tokens, out, f"train.parallel={parallel}", "train.device=cpu")]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _assert_same_run(single: Path, multi: Path) -> None:
+    a, b = read_metrics(single / "metrics.jsonl"), read_metrics(multi / "metrics.jsonl")
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b, strict=True):
+        assert rb["loss"] == pytest.approx(ra["loss"], abs=TOLERANCE, rel=0)
+        assert rb["grad_norm"] == pytest.approx(ra["grad_norm"], abs=TOLERANCE, rel=0)
+        assert rb["tokens"] == ra["tokens"]  # the global batch, not the per-rank one
+    assert b[-1]["eval_loss"] == pytest.approx(a[-1]["eval_loss"], abs=TOLERANCE, rel=0)
+    wa, wb = load_model_file(single)["model"], load_model_file(multi)["model"]
+    assert set(wa) == set(wb)  # full, unsharded, wrapper-free names
+    for name, tensor in wa.items():
+        torch.testing.assert_close(wb[name], tensor, rtol=0, atol=PARAM_TOLERANCE)
+
+
+@pytest.mark.slow
+def test_two_rank_ddp_matches_one_process_with_the_same_global_batch(
+        tokens: dict[str, Path], single: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    _torchrun(tokens, out, "ddp", tmp_path)
+    _assert_same_run(single, out)
+
+
+@pytest.mark.slow
+def test_two_rank_fsdp2_matches_one_process_with_the_same_global_batch(
+        tokens: dict[str, Path], single: Path, tmp_path: Path) -> None:
+    out = tmp_path / "fsdp"
+    _torchrun(tokens, out, "fsdp", tmp_path)
+    _assert_same_run(single, out)

@@ -1,0 +1,244 @@
+"""Hugging Face Llama export and import: safetensors + config.json that `LlamaForCausalLM` loads.
+
+Our parameter names are HF's minus the `model.` prefix and our rotary convention is HF's (rotate
+halves), so the mapping is a rename, never a permutation. Export writes `rope_theta`/`rope_scaling`
+(transformers 4.x) and the equivalent `rope_parameters` (transformers 5.x) so both versions load it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from training.model import ModelConfig, Transformer
+
+HF_PREFIX = "model."
+# Wrappers that prefix parameter names in a training state dict: torch.compile, DDP, checkpoint_wrapper.
+_WRAPPER_PREFIXES = ("_orig_mod.", "module.", "_checkpoint_wrapped_module.")
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def _clean_name(name: str) -> str:
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def _to_hf_name(name: str) -> str:
+    return name if name.startswith("lm_head.") else HF_PREFIX + name
+
+
+def hf_config(
+    cfg: ModelConfig,
+    dtype: torch.dtype = torch.float32,
+    bos_id: int | None = None,
+    eos_id: int | None = None,
+    pad_id: int | None = None,
+) -> dict[str, Any]:
+    """The `config.json` of a LlamaForCausalLM with our model's shapes."""
+    rope_parameters: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling is not None:
+        rope_parameters = {**cfg.rope_scaling, "rope_theta": cfg.rope_theta}
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.dim,
+        "intermediate_size": cfg.ffn_hidden,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": dict(cfg.rope_scaling) if cfg.rope_scaling is not None else None,
+        "rope_parameters": rope_parameters,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "attention_dropout": 0.0,
+        "initializer_range": cfg.init_std,
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_id,
+        "pad_token_id": pad_id,
+        "use_cache": True,
+        "torch_dtype": _DTYPE_NAMES[dtype],
+        "dtype": _DTYPE_NAMES[dtype],
+    }
+
+
+def _full_state_dict(state_dict: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in state_dict.items():
+        if hasattr(tensor, "full_tensor"):  # FSDP2 DTensor shard → the whole parameter
+            tensor = tensor.full_tensor()
+        out[_clean_name(name)] = tensor
+    return out
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def export_hf(
+    model: Transformer | Mapping[str, Any] | tuple[Mapping[str, Any], ModelConfig],
+    out_dir: str | os.PathLike[str],
+    tokenizer_path: str | os.PathLike[str] | None = None,
+    *,
+    config: ModelConfig | None = None,
+    dtype: torch.dtype | None = None,
+    bos_id: int | None = None,
+    eos_id: int | None = None,
+    pad_id: int | None = None,
+) -> Path:
+    """Write `model.safetensors`, `config.json` (and `tokenizer.json` if given) into `out_dir`.
+
+    `model` is a Transformer, a `(state_dict, ModelConfig)` pair, or a state dict with `config=`.
+    A tied head is stored once (as HF does); `dtype` casts floating weights (default: as stored).
+    """
+    if isinstance(model, Transformer):
+        cfg, state = model.cfg, _full_state_dict(model.state_dict())
+    else:
+        if isinstance(model, tuple):
+            model, config = model
+        if config is None:
+            raise ValueError("export_hf of a state dict needs its ModelConfig (config=...)")
+        cfg, state = config, _full_state_dict(model)
+    expected = {name for name in param_names(cfg)}
+    missing, unknown = expected - set(state), set(state) - expected
+    if missing or unknown:
+        raise ValueError(f"state dict does not match the config: missing {sorted(missing)[:5]}, "
+                         f"unexpected {sorted(unknown)[:5]}")
+    if cfg.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    store_dtype = dtype or state["embed_tokens.weight"].dtype
+    tensors = {
+        _to_hf_name(name): t.detach().to("cpu", store_dtype if t.is_floating_point() else t.dtype).contiguous()
+        for name, t in state.items()
+    }
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out / "model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    config_json = json.dumps(hf_config(cfg, store_dtype, bos_id, eos_id, pad_id), indent=2) + "\n"
+    _atomic_write(out / "config.json", lambda p: Path(p).write_text(config_json))
+    if tokenizer_path is not None:
+        src = Path(tokenizer_path)
+        if not src.is_file():
+            raise FileNotFoundError(f"tokenizer file not found: {src}")
+        _atomic_write(out / "tokenizer.json", lambda p: shutil.copyfile(src, p))
+    return out
+
+
+def param_names(cfg: ModelConfig) -> list[str]:
+    """State-dict keys (parameters only) of a Transformer with this config, without building it."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    return [name for name, _ in model.named_parameters(remove_duplicate=False)]
+
+
+def _config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
+    archs = hf.get("architectures") or []
+    if hf.get("model_type") not in (None, "llama") or (archs and "LlamaForCausalLM" not in archs):
+        raise ValueError(f"not a Llama checkpoint: model_type={hf.get('model_type')!r} architectures={archs}")
+    dim, n_heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
+    head_dim = hf.get("head_dim") or dim // n_heads
+    if head_dim * n_heads != dim:
+        raise ValueError(f"head_dim {head_dim} × heads {n_heads} != hidden_size {dim}: not supported")
+    if hf.get("attention_bias") or hf.get("mlp_bias"):
+        raise ValueError("Llama checkpoints with attention/MLP biases are not supported")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported (SwiGLU uses silu)")
+
+    params = dict(hf.get("rope_parameters") or {})
+    legacy = hf.get("rope_scaling")
+    if legacy:
+        params = {**params, **legacy}
+    theta = float(params.pop("rope_theta", hf.get("rope_theta", 10000.0)))
+    rope_type = params.pop("rope_type", params.pop("type", "default"))
+    scaling = None if rope_type == "default" else {"rope_type": rope_type, **params}
+    if scaling is not None and scaling.get("rope_type") == "llama3":
+        scaling.setdefault("original_max_position_embeddings", hf["max_position_embeddings"])
+    if scaling is not None and rope_type in ("linear", "llama3"):
+        # Keep only the keys our config takes (HF adds e.g. attention_factor); ModelConfig validates.
+        keep = {"rope_type", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
+        scaling = {k: v for k, v in scaling.items() if k in keep}
+    return ModelConfig(
+        vocab_size=int(hf["vocab_size"]),
+        dim=dim,
+        n_layers=int(hf["num_hidden_layers"]),
+        n_heads=n_heads,
+        n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
+        ffn_hidden=int(hf["intermediate_size"]),
+        max_seq_len=int(hf.get("max_position_embeddings", 2048)),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        init_std=float(hf.get("initializer_range", 0.02)),
+    )
+
+
+def _read_hf_tensors(hf_dir: Path) -> dict[str, torch.Tensor]:
+    single, index = hf_dir / "model.safetensors", hf_dir / "model.safetensors.index.json"
+    if single.is_file():
+        return load_file(single)
+    if index.is_file():
+        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        tensors: dict[str, torch.Tensor] = {}
+        for shard in sorted(set(weight_map.values())):
+            path = hf_dir / shard
+            if not path.is_file():
+                raise FileNotFoundError(f"shard {shard} listed in {index} is missing")
+            tensors.update(load_file(path))
+        return tensors
+    raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {hf_dir}")
+
+
+def import_hf(hf_dir: str | os.PathLike[str], dtype: torch.dtype | None = torch.float32) -> Transformer:
+    """Load a Hugging Face Llama checkpoint (single or sharded safetensors) as our Transformer."""
+    root = Path(hf_dir)
+    config_path = root / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"no config.json in {root}")
+    cfg = _config_from_hf(json.loads(config_path.read_text()))
+    hf_tensors = _read_hf_tensors(root)
+
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor in hf_tensors.items():
+        if name.endswith("rotary_emb.inv_freq"):  # old checkpoints stored the (derived) rope buffer
+            continue
+        ours = name[len(HF_PREFIX):] if name.startswith(HF_PREFIX) else name
+        state[ours] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+    if cfg.tie_embeddings:
+        state["lm_head.weight"] = state.get("embed_tokens.weight", state.get("lm_head.weight"))
+    expected = set(param_names(cfg))
+    missing, unknown = expected - set(state), set(state) - expected
+    if missing or unknown:
+        raise ValueError(f"{root}: checkpoint does not match its config.json: missing {sorted(missing)[:5]}, "
+                         f"unexpected {sorted(unknown)[:5]}")
+
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.to_empty(device="cpu")
+    model.tie_weights()  # to_empty unties a shared head
+    model.load_state_dict(state, strict=True)
+    model.reset_rope_tables()
+    return model
