@@ -2,20 +2,23 @@
 
 Documents: ../shared/data/web_text (C4 English, Dolma CC and CCNet, HPLT Common Crawl and
 Internet Archive pages, OSCAR, the Pile, RedPajama) and ../shared/data/text (WikiText articles,
-Gutenberg and Shakespeare excerpts, the CS336 high / low quality samples), ~1,900 documents of at
-most 12,000 characters (the cap keeps datatrove's spaCy tokenizer inside the time budget).
+Gutenberg and Shakespeare excerpts, the CS336 high / low quality samples), ~1,560 documents of at
+most 3,000 characters (the cap keeps datatrove's spaCy tokenizer inside the time budget).
 
-Each filter must agree on >= 98% of documents. Measured on this set: Gopher quality, Gopher
-repetition, C4 and FineWeb agree on all but 0-2 documents; the URL filter on all. The differences
-come from the word tokenizer (ours reproduces spaCy's English rules as regular expressions):
+Each filter must agree on >= 98% of documents. Measured on this set (1,524 documents, 4,325
+URLs): C4, FineWeb and the URL filter agree on all; Gopher quality and Gopher repetition on all
+but one each (99.93%). Both differences come from the word tokenizer (ours reproduces spaCy's
+English rules as regular expressions, see curation/text_stats.py):
 
-- spaCy's special-case retokenizer glues ")" + ":" into one token "):" and keeps "<w:p" as
-  "<", "w", ":p"; Python source pasted in a web page ("p.Id", "range(Len):") then gets a few more
-  symbol tokens from us, moving the alphabetic-word ratio across 0.8 (Gopher quality).
-- spaCy splits "i.MX" or "Mp3 & Mp4 2 lines sad urdu poetry|...|." differently around dots, so
-  a C4 line may count one sentence more or less, which decides pages sitting at 4-5 sentences.
-- A spaCy sentence / token boundary inside an Armenian dictionary page changes one word 4-gram
-  (Gopher repetition top_4_gram at 0.1445 for us against > 0.16 for datatrove).
+- gopher_quality, pile_toy_sample:434 (a Stack Overflow post with C# code): spaCy's special-case
+  matcher keeps "p." whole inside "p.Id" / "p.Name" and glues ")" + ":" into "):"; we emit
+  "p", ".", "Id" and ")", ":", so the code lines give us a few more symbol tokens and the
+  alphabetic-word ratio reads 0.789 against datatrove's >= 0.8: we drop, datatrove keeps.
+- gopher_repetition, dolma CC-MAIN...00140:391 (a 173-character Armenian Wiktionary stub):
+  spaCy's letter classes do not include Armenian, so it keeps "Վիքիբառարան-ից" as one word
+  while we split the hyphen like any other letter-hyphen-letter. On so short a page the "top
+  4-gram" (seen once: datatrove does not require a repeat) covers 17.9% of the characters for
+  datatrove (> 16%: drop) and 14.5% for us (keep).
 
 The disagreements found are printed (pytest -s) so a change in either side is easy to inspect.
 """
@@ -43,10 +46,14 @@ from curation.step import Filter
 dt_data = pytest.importorskip("datatrove.data")
 dt_filters = pytest.importorskip("datatrove.pipeline.filters")
 
-pytestmark = pytest.mark.integration
+pytestmark = [
+    pytest.mark.integration,
+    # datatrove's URLFilter reads tldextract's deprecated `registered_domain` on every URL.
+    pytest.mark.filterwarnings("ignore:The 'registered_domain' property is deprecated:DeprecationWarning"),
+]
 
 MIN_AGREEMENT = 0.98
-MAX_CHARS = 12_000
+MAX_CHARS = 3_000
 
 
 def _jsonl(path: Path) -> Iterator[dict[str, Any]]:
@@ -87,9 +94,14 @@ def _web_text(root: Path) -> list[tuple[str, str, str | None]]:
         add(
             name,
             lambda r: r["text"],
-            lambda r: (r.get("metadata") or {}).get("url") or (r["id"] if str(r["id"]).startswith("http") else None),
+            lambda r: (
+                (r.get("metadata") or {}).get("url") or (r["id"] if str(r["id"]).startswith("http") else None)
+            ),
         )
-    for name in ("hplt_cc_random_sample100/CC_sample100.jsonl.zst", "hplt_cc_random_sample100/IA_wide_sample100.jsonl.zst"):
+    for name in (
+        "hplt_cc_random_sample100/CC_sample100.jsonl.zst",
+        "hplt_cc_random_sample100/IA_wide_sample100.jsonl.zst",
+    ):
         add(name, lambda r: r.get("t"), lambda r: r.get("u"))
     add(
         "oscar_sample_annotated/oscar_data.jsonl",
@@ -97,7 +109,10 @@ def _web_text(root: Path) -> list[tuple[str, str, str | None]]:
         lambda r: r["warc_headers"].get("warc-target-uri"),
     )
     add("pile_toy_sample/toy_pile_data.jsonl", lambda r: r["contents"], lambda r: None)
-    for name in ("redpajama_tiny_samples/redpajama-c4-refined.jsonl", "redpajama_tiny_samples/redpajama-cc-2023-06-refined.jsonl"):
+    for name in (
+        "redpajama_tiny_samples/redpajama-c4-refined.jsonl",
+        "redpajama_tiny_samples/redpajama-cc-2023-06-refined.jsonl",
+    ):
         add(name, lambda r: r["text"], lambda r: None)
     return docs
 
@@ -123,14 +138,14 @@ def _reference_text(root: Path) -> list[tuple[str, str, str | None]]:
             docs.append((f"wikitext:{i}", article, None))
     for book in sorted((root / "gutenberg_nltk").glob("*.txt")):
         text = book.read_text(encoding="latin-1")
-        for i, piece in enumerate(_chunks(text, 6000)[1:40:8]):  # skip the licence header
+        for i, piece in enumerate(_chunks(text, 2500)[1:60:12]):  # skip the licence header
             docs.append((f"{book.name}:{i}", piece, None))
     shakespeare = (root / "tinyshakespeare/input.txt").read_text(encoding="utf-8")
-    for i, piece in enumerate(_chunks(shakespeare, 5000)[::25]):
+    for i, piece in enumerate(_chunks(shakespeare, 2500)[::30]):
         docs.append((f"shakespeare:{i}", piece, None))
     for name in ("misc/cs336_low_quality_cc.txt", "misc/cs336_high_quality_wiki_reference.txt"):
         text = (root / name).read_text(encoding="utf-8")
-        for i, piece in enumerate(_chunks(text, 8000)):
+        for i, piece in enumerate(_chunks(text, 2500)):
             docs.append((f"{name}:{i}", piece, None))
     return docs
 
@@ -139,57 +154,73 @@ def _reference_text(root: Path) -> list[tuple[str, str, str | None]]:
 def corpus(shared_data: Path) -> list[tuple[str, str, str | None]]:
     web = [d for d in _web_text(shared_data / "web_text") if len(d[1]) <= MAX_CHARS]
     ref = [d for d in _reference_text(shared_data / "text") if len(d[1]) <= MAX_CHARS]
-    # Every other C4 page (C4 is already clean: it mostly exercises the keep path), all the rest.
-    c4 = [d for d in web if d[0].startswith("c4_en_sample")][::2]
-    rest = [d for d in web if not d[0].startswith("c4_en_sample")]
-    return c4 + rest + ref
+    # One C4 page in eight (C4 is already clean: it mostly exercises the keep path), one Pile
+    # chunk in two, all the rest: ~1,560 documents, so datatrove's side fits the time budget.
+    c4 = [d for d in web if d[0].startswith("c4_en_sample")][::8]
+    pile = [d for d in web if d[0].startswith("pile_toy_sample")][::2]
+    rest = [d for d in web if not d[0].startswith(("c4_en_sample", "pile_toy_sample"))]
+    return c4 + pile + rest + ref
 
 
-def _agreement(
-    name: str,
-    ours: Filter,
-    theirs: Any,
-    docs: list[tuple[str, str, str | None]],
-    compare_text: bool = False,
-) -> float:
-    disagreements = []
-    for doc_id, text, url in docs:
-        dt_doc = dt_data.Document(text=text, id=doc_id, metadata={"url": url} if url else {})
-        res = theirs.filter(dt_doc)
-        dt_keep = res if isinstance(res, bool) else bool(res[0])
-        doc = Document(id=doc_id, text=text, source="parity", metadata={"url": url} if url else {})
-        kept = list(ours([doc]))
-        same = dt_keep == bool(kept)
-        if same and kept and compare_text:
-            same = kept[0].text == dt_doc.text  # C4 edits the text: the kept lines must match too
-        if not same:
-            disagreements.append((doc_id, res, "keep" if kept else "drop", doc.attributes, text[:150]))
-    rate = 1 - len(disagreements) / len(docs)
-    print(f"\n{name}: {rate:.2%} agreement on {len(docs)} documents, {len(disagreements)} differ")
-    for doc_id, res, ours_decision, attrs, head in disagreements:
+HEURISTICS: dict[str, tuple[Callable[[], Filter], Callable[[], Any]]] = {
+    "gopher_quality": (GopherQualityFilter, lambda: dt_filters.GopherQualityFilter()),
+    "gopher_repetition": (GopherRepetitionFilter, lambda: dt_filters.GopherRepetitionFilter()),
+    "fineweb": (FineWebFilter, lambda: dt_filters.FineWebQualityFilter()),
+    "c4": (C4Filter, lambda: dt_filters.C4QualityFilter()),
+}
+
+
+@pytest.fixture(scope="module")
+def disagreements(corpus: list[tuple[str, str, str | None]]) -> dict[str, list[tuple]]:
+    """Per filter, the documents where our decision differs from datatrove's.
+
+    One pass, document by document, through all four filters on both sides: datatrove caches
+    its spaCy tokenization of the last few texts, so the three word-based filters share it.
+    """
+    pairs = {name: (ours(), theirs()) for name, (ours, theirs) in HEURISTICS.items()}
+    out: dict[str, list[tuple]] = {name: [] for name in pairs}
+    for doc_id, text, url in corpus:
+        meta = {"url": url} if url else {}
+        for name, (ours, theirs) in pairs.items():
+            dt_doc = dt_data.Document(text=text, id=doc_id, metadata=dict(meta))
+            res = theirs.filter(dt_doc)
+            dt_keep = res if isinstance(res, bool) else bool(res[0])
+            doc = Document(id=doc_id, text=text, source="parity", metadata=dict(meta))
+            kept = list(ours([doc]))
+            same = dt_keep == bool(kept)
+            if same and kept and name == "c4":
+                same = kept[0].text == dt_doc.text  # C4 edits the text: the kept lines must match
+            if not same:
+                out[name].append((doc_id, res, "keep" if kept else "drop", doc.attributes, text[:150]))
+    return out
+
+
+def _rate(name: str, found: dict[str, list[tuple]], corpus: list) -> float:
+    rows = found[name]
+    rate = 1 - len(rows) / len(corpus)
+    print(f"\n{name}: {rate:.2%} agreement on {len(corpus)} documents, {len(rows)} differ")
+    for doc_id, res, ours_decision, attrs, head in rows:
         print(f"  {doc_id}: datatrove={res} ours={ours_decision} {attrs} {head!r}")
     return rate
 
 
-def test_gopher_quality_matches_datatrove(corpus: list[tuple[str, str, str | None]]) -> None:
-    rate = _agreement("gopher_quality", GopherQualityFilter(), dt_filters.GopherQualityFilter(), corpus)
+def test_gopher_quality_matches_datatrove(corpus: list, disagreements: dict[str, list[tuple]]) -> None:
     assert len(corpus) >= 1500
-    assert rate >= MIN_AGREEMENT
+    assert _rate("gopher_quality", disagreements, corpus) >= MIN_AGREEMENT
 
 
-def test_gopher_repetition_matches_datatrove(corpus: list[tuple[str, str, str | None]]) -> None:
-    rate = _agreement("gopher_repetition", GopherRepetitionFilter(), dt_filters.GopherRepetitionFilter(), corpus)
-    assert rate >= MIN_AGREEMENT
+def test_gopher_repetition_matches_datatrove(corpus: list, disagreements: dict[str, list[tuple]]) -> None:
+    assert _rate("gopher_repetition", disagreements, corpus) >= MIN_AGREEMENT
 
 
-def test_fineweb_matches_datatrove(corpus: list[tuple[str, str, str | None]]) -> None:
-    rate = _agreement("fineweb", FineWebFilter(), dt_filters.FineWebQualityFilter(), corpus)
-    assert rate >= MIN_AGREEMENT
+def test_fineweb_matches_datatrove(corpus: list, disagreements: dict[str, list[tuple]]) -> None:
+    assert _rate("fineweb", disagreements, corpus) >= MIN_AGREEMENT
 
 
-def test_c4_matches_datatrove_decisions_and_kept_text(corpus: list[tuple[str, str, str | None]]) -> None:
-    rate = _agreement("c4", C4Filter(), dt_filters.C4QualityFilter(), corpus, compare_text=True)
-    assert rate >= MIN_AGREEMENT
+def test_c4_matches_datatrove_decisions_and_kept_text(
+    corpus: list, disagreements: dict[str, list[tuple]]
+) -> None:
+    assert _rate("c4", disagreements, corpus) >= MIN_AGREEMENT
 
 
 def test_url_filter_matches_datatrove(
@@ -231,7 +262,9 @@ def test_url_filter_matches_datatrove(
     scheme_probes = [d for d in disagreements if d[0].startswith("ut1-url-scheme:")]
     other = [d for d in disagreements if not d[0].startswith("ut1-url-scheme:")]
     rate = 1 - len(other) / len(urls)
-    print(f"\nurl_filter: {rate:.2%} agreement on {len(urls)} URLs; {len(scheme_probes)} scheme probes differ")
+    print(
+        f"\nurl_filter: {rate:.2%} agreement on {len(urls)} URLs; {len(scheme_probes)} scheme probes differ"
+    )
     for d in other:
         print("  ", d)
     assert len(urls) >= 1500

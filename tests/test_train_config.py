@@ -44,12 +44,12 @@ def test_unknown_section_suggests_the_closest_section(tmp_path: Path) -> None:
 
 def test_override_strings_are_coerced_to_the_field_types() -> None:
     cfg = load_config(None, [
-        "model.size=1m", "data.mix=tokens", "optim.lr=3e-4", "train.steps=100", "optim.betas=0.8,0.9",
+        "model.size=1m", "data.mix=tokens", "optim.lr=3e-4", "train.steps=300", "optim.betas=0.8,0.9",
         "train.compile=true", "model.rope_scaling={rope_type: linear, factor: 4}", "data.eval=none",
         "model.rope_theta=5e5", "train.eval_every=1e3",
     ])
     assert cfg.optim.lr == pytest.approx(3e-4) and isinstance(cfg.optim.lr, float)
-    assert cfg.train.steps == 100 and isinstance(cfg.train.steps, int)
+    assert cfg.train.steps == 300 and isinstance(cfg.train.steps, int)
     assert cfg.optim.betas == (0.8, 0.9)
     assert cfg.train.compile is True
     assert cfg.model.rope_scaling == {"rope_type": "linear", "factor": 4}
@@ -67,6 +67,7 @@ def test_override_strings_are_coerced_to_the_field_types() -> None:
     ("optim.betas=0.9", "optim.betas must be a list of 2 values"),
     ("train.steps", "must look like section.key=value"),
     ("train.steps=0", "train.steps must be > 0"),
+    ("train.steps=50", r"optim.warmup=100 leaves no decay in train.steps=50"),
 ])
 def test_invalid_override_values_are_errors(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
@@ -85,10 +86,10 @@ def test_stage_of_the_command_must_match_the_configs_stage() -> None:
 
 def test_shipped_configs_load_with_their_stage() -> None:
     pre = load_config(CONFIGS / "pretrain_tiny.yaml", stage="pretrain")
-    mid = load_config(CONFIGS / "midtrain_tiny.yaml", ["train.steps=7"], stage="midtrain")
+    mid = load_config(CONFIGS / "midtrain_tiny.yaml", ["train.steps=70"], stage="midtrain")
     assert pre.model.size == "1m" and pre.optim.schedule == "wsd"
     assert mid.train.init_from and mid.optim.schedule == "linear" and mid.optim.min_lr_ratio == 0.0
-    assert mid.train.steps == 7
+    assert mid.train.steps == 70
     assert mid.data.seq_len > pre.data.seq_len  # context extension
 
 

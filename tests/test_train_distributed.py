@@ -1,5 +1,6 @@
 """Data parallelism on CPU with gloo: 2 ranks under torchrun train exactly like 1 process with the
-same global batch, for DDP and for FSDP2 (``fully_shard``, which runs on CPU/gloo in torch 2.13)."""
+same global batch, for DDP and for FSDP2 (``fully_shard``, which runs on CPU/gloo in torch 2.13),
+and an FSDP2 run stopped and resumed from its checkpoint still does."""
 
 from __future__ import annotations
 
@@ -62,19 +63,23 @@ def _overrides(tokens: dict[str, Path], out: Path, *extra: str) -> list[str]:
 @pytest.fixture(scope="module")
 def single(tokens: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("single")
-    torch.set_num_threads(1)
-    train(load_config(None, _overrides(tokens, out)))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # a module fixture is set up before the autouse one_thread
+    try:
+        train(load_config(None, _overrides(tokens, out)))
+    finally:
+        torch.set_num_threads(before)
     return out
 
 
-def _torchrun(tokens: dict[str, Path], out: Path, parallel: str, tmp_path: Path) -> None:
+def _torchrun(tokens: dict[str, Path], out: Path, parallel: str, tmp_path: Path, *extra: str) -> None:
     config = tmp_path / "cfg.yaml"
     config.write_text("stage: pretrain\n")
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["OMP_NUM_THREADS"] = "1"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "training.loop", "pretrain", str(config),
-           *_overrides(tokens, out, f"train.parallel={parallel}", "train.device=cpu")]
+           *_overrides(tokens, out, f"train.parallel={parallel}", "train.device=cpu", *extra)]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -102,8 +107,12 @@ def test_two_rank_ddp_matches_one_process_with_the_same_global_batch(
 
 
 @pytest.mark.slow
-def test_two_rank_fsdp2_matches_one_process_with_the_same_global_batch(
+def test_two_rank_fsdp2_stopped_and_resumed_matches_one_process_with_the_same_global_batch(
         tokens: dict[str, Path], single: Path, tmp_path: Path) -> None:
+    # Stopping after step 2 and resuming in a new torchrun job also covers the FSDP2 checkpoint:
+    # sharded weights and optimizer state gathered to rank 0, then loaded and re-sharded.
     out = tmp_path / "fsdp"
-    _torchrun(tokens, out, "fsdp", tmp_path)
+    _torchrun(tokens, out, "fsdp", tmp_path, "train.checkpoint_every=2", "train.stop_after=2")
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2]
+    _torchrun(tokens, out, "fsdp", tmp_path, "train.checkpoint_every=2")
     _assert_same_run(single, out)

@@ -13,9 +13,10 @@ import torch
 
 from curation.tokenize import tokenize_corpus
 from curation.tokenizer import train_tokenizer
-from training.checkpoint import load_model_file, resolve_checkpoint
+from training.checkpoint import load_model_file, resolve_checkpoint, write_model_checkpoint
 from training.config import ConfigError, load_config
-from training.loop import param_groups, train
+from training.data import eval_batches
+from training.loop import evaluate, param_groups, train
 from training.metrics import read_metrics
 from training.model import ModelConfig, Transformer
 
@@ -106,9 +107,9 @@ def test_weight_decay_applies_to_linear_matrices_only() -> None:
 
 
 def test_activation_checkpointing_leaves_the_losses_unchanged(tokens: dict[str, Path], tmp_path: Path) -> None:
-    plain = train(load_config(None, _overrides(tokens, tmp_path / "a", "train.steps=3", "data.eval=none",
+    plain = train(load_config(None, _overrides(tokens, tmp_path / "a", "train.steps=3", "optim.warmup=1", "data.eval=none",
                                                "train.export_hf=false")))
-    ckpt = train(load_config(None, _overrides(tokens, tmp_path / "b", "train.steps=3", "data.eval=none",
+    ckpt = train(load_config(None, _overrides(tokens, tmp_path / "b", "train.steps=3", "optim.warmup=1", "data.eval=none",
                                               "train.export_hf=false", "train.activation_checkpointing=true")))
     assert ckpt["losses"] == pytest.approx(plain["losses"], abs=1e-6)
     # Checkpoints hold clean parameter names whatever wrappers were applied.
@@ -145,7 +146,7 @@ def test_midtrain_extends_the_context_from_a_pretrained_checkpoint(tokens: dict[
 
 def test_midtrain_rejects_a_change_of_architecture(tokens: dict[str, Path], tmp_path: Path) -> None:
     pre = tmp_path / "pre"
-    train(load_config(None, _overrides(tokens, pre, "train.steps=1", "data.eval=none", "train.export_hf=false")))
+    train(load_config(None, _overrides(tokens, pre, "train.steps=1", "optim.warmup=0", "data.eval=none", "train.export_hf=false")))
     cfg = load_config(None, [f"data.mix={tokens['train']}", f"train.init_from={pre}", "model.n_layers=8",
                              f"train.out_dir={tmp_path / 'mid'}", "train.progress=false"], stage="midtrain")
     with pytest.raises(ConfigError, match="model.n_layers=8 differs from the checkpoint's 4"):
@@ -153,13 +154,35 @@ def test_midtrain_rejects_a_change_of_architecture(tokens: dict[str, Path], tmp_
 
 
 def test_sequences_longer_than_the_model_context_are_an_error(tokens: dict[str, Path], tmp_path: Path) -> None:
-    cfg = load_config(None, _overrides(tokens, tmp_path, "model.max_seq_len=32", "train.steps=1"))
+    cfg = load_config(None, _overrides(tokens, tmp_path, "model.max_seq_len=32", "train.steps=1", "optim.warmup=0"))
     with pytest.raises(ConfigError, match="data.seq_len=64 exceeds model.max_seq_len=32"):
         train(cfg)
 
 
 def test_bf16_on_cpu_is_an_error(tokens: dict[str, Path], tmp_path: Path) -> None:
-    cfg = load_config(None, _overrides(tokens, tmp_path, "train.precision=bf16", "train.steps=1",
+    cfg = load_config(None, _overrides(tokens, tmp_path, "train.precision=bf16", "train.steps=1", "optim.warmup=0",
                                        "train.device=cpu"))
     with pytest.raises(ConfigError, match="bf16 needs a CUDA device"):
         train(cfg)
+
+
+def test_a_diverging_loss_stops_the_run_with_a_clear_error(tokens: dict[str, Path], tmp_path: Path) -> None:
+    cfg = load_config(None, _overrides(tokens, tmp_path, "optim.lr=1e30", "optim.warmup=0", "train.steps=6",
+                                       "data.eval=none", "train.checkpoint_every=1"))
+    with pytest.raises(FloatingPointError, match=r"training loss is nan at step \d; lower optim.lr"):
+        train(cfg)
+
+
+def test_continued_pretraining_starts_from_a_weights_only_checkpoint(tokens: dict[str, Path], tmp_path: Path) -> None:
+    # What `refinery import` of a Hugging Face model leaves: model.pt only, architecture included.
+    torch.manual_seed(123)
+    model = Transformer(ModelConfig.named("1m", 512, max_seq_len=64))
+    write_model_checkpoint(tmp_path / "imported", model.state_dict(), model.cfg.to_dict())
+    summary = train(load_config(None, [
+        f"data.mix={tokens['train']}", f"data.eval={tokens['heldout']}", "data.seq_len=64",
+        "train.batch_size=16", "train.steps=2", "optim.warmup=0", "train.eval_at_start=true",
+        "train.eval_batches=2", f"train.init_from={tmp_path / 'imported'}", f"train.out_dir={tmp_path / 'run'}",
+        "train.progress=false", "train.export_hf=false"]))
+    expected = evaluate(model, list(eval_batches(tokens["heldout"], 64, 16, 2)), torch.device("cpu"), "fp32")
+    assert summary["initial_eval_loss"] == pytest.approx(expected, abs=1e-6)
+    assert summary["model_config"]["max_seq_len"] == 64  # the checkpoint's architecture, not a default

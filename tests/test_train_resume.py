@@ -15,7 +15,7 @@ import torch
 from curation.tokenize import tokenize_corpus
 from curation.tokenizer import train_tokenizer
 from training.checkpoint import CheckpointError, load_model_file, step_dir_name
-from training.config import load_config
+from training.config import ConfigError, load_config
 from training.loop import train
 from training.metrics import read_metrics
 
@@ -102,7 +102,7 @@ def test_checkpoints_keep_the_last_k_and_point_latest_at_the_newest(tokens: dict
 
 def test_resuming_with_a_different_global_batch_is_an_error(tokens: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "run"
-    train(load_config(None, _overrides(tokens, out, "train.steps=2", "train.checkpoint_every=1", "data.eval=none")))
+    train(load_config(None, _overrides(tokens, out, "train.steps=2", "optim.warmup=1", "train.checkpoint_every=1", "data.eval=none")))
     with pytest.raises(ValueError, match="global_batch_size"):
         train(load_config(None, _overrides(tokens, out, "train.steps=4", "train.batch_size=4", "data.eval=none")))
 
@@ -113,3 +113,10 @@ def test_a_latest_pointer_to_a_missing_checkpoint_is_an_error(tokens: dict[str, 
     (out / "checkpoints" / "latest").write_text(step_dir_name(5))
     with pytest.raises(CheckpointError, match="missing model.pt"):
         train(load_config(None, _overrides(tokens, out, "data.eval=none")))
+
+
+def test_starting_over_in_a_used_out_dir_is_an_error(tokens: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    train(load_config(None, _overrides(tokens, out, "train.steps=1", "optim.warmup=0", "data.eval=none")))
+    with pytest.raises(ConfigError, match="holds checkpoints of an earlier run and train.resume=false"):
+        train(load_config(None, _overrides(tokens, out, "train.resume=false", "data.eval=none")))

@@ -150,6 +150,31 @@ def load_model_file(ckpt: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"cannot read {d / MODEL_FILE}: {e}") from e
 
 
+def write_model_checkpoint(out_dir: str | Path, model_state: dict[str, torch.Tensor],
+                           model_config: dict[str, Any]) -> Path:
+    """A weights-only checkpoint (``out_dir/model.pt``), e.g. from ``refinery import`` of a Hugging
+    Face model: ``train.init_from`` and ``load_transformer`` accept the directory."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".tmp-{MODEL_FILE}"
+    torch.save({"model": {k: v.detach().cpu() for k, v in model_state.items()},
+                "model_config": dict(model_config)}, tmp)
+    os.replace(tmp, out / MODEL_FILE)
+    return out
+
+
+def load_transformer(ckpt: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """The Transformer of a checkpoint (run dir, ``checkpoints`` dir or step dir), for export,
+    generation and later stages."""
+    from training.model import ModelConfig, Transformer
+
+    data = load_model_file(ckpt)
+    with torch.device(device):
+        model = Transformer(ModelConfig.from_dict(data["model_config"]))
+    model.load_state_dict(data["model"], strict=True)
+    return model
+
+
 def load_model_weights(model: nn.Module, state: dict[str, torch.Tensor] | None, info: DistInfo,
                        strict: bool = True) -> None:
     """Load a full state dict (present on rank 0 at least) into a possibly wrapped/sharded model."""

@@ -99,7 +99,7 @@ class TrainSection:
     export_hf: bool = True  # write out_dir/hf at the end
     progress: bool = True  # tqdm bar on rank 0
     device: str | None = None  # None: cuda:LOCAL_RANK when available, else cpu
-    stop_after: int | None = None  # stop (with a checkpoint) after this step; simulates a kill
+    stop_after: int | None = None  # end this job after that step, with a checkpoint; a rerun resumes
 
 
 @dataclass
@@ -128,6 +128,9 @@ class TrainConfig:
                            "train.checkpoint_every": t.checkpoint_every}.items():
             if value < 0:
                 raise ConfigError(f"{key} must be >= 0, got {value}")
+        if o.warmup >= t.steps and o.schedule != "constant":
+            raise ConfigError(f"optim.warmup={o.warmup} leaves no decay in train.steps={t.steps}; lower "
+                              f"optim.warmup or raise train.steps")
         if o.lr <= 0:
             raise ConfigError(f"optim.lr must be > 0, got {o.lr}")
         if not 0.0 <= o.min_lr_ratio <= 1.0:
@@ -140,8 +143,9 @@ class TrainConfig:
             raise ConfigError(f"stage must be one of {STAGES}, got {self.stage!r}")
         if self.stage == "midtrain" and not t.init_from:
             raise ConfigError("stage 'midtrain' requires train.init_from (a pretraining checkpoint)")
-        if self.stage == "pretrain" and self.model.size is None and self.model.dim is None:
-            raise ConfigError("model.size (e.g. '10m') or explicit model dims are required for pretraining")
+        if self.model.size is None and self.model.dim is None and not t.init_from:
+            raise ConfigError("model.size (e.g. '10m') or explicit model dims are required, unless "
+                              "train.init_from gives a checkpoint to continue from")
 
 
 SECTIONS: dict[str, type] = {"model": ModelSection, "data": DataSection, "optim": OptimSection,

@@ -121,7 +121,7 @@ def export_hf(
         if config is None:
             raise ValueError("export_hf of a state dict needs its ModelConfig (config=...)")
         cfg, state = config, _full_state_dict(model)
-    expected = {name for name in param_names(cfg)}
+    expected = set(param_names(cfg))
     missing, unknown = expected - set(state), set(state) - expected
     if missing or unknown:
         raise ValueError(f"state dict does not match the config: missing {sorted(missing)[:5]}, "

@@ -15,6 +15,7 @@ counted per rule in `stats.counters` (`c4.line_<rule>`).
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Iterable, Iterator
 from typing import ClassVar
 
@@ -62,8 +63,6 @@ def _is_punct(word: str) -> bool:
     """spaCy's `is_punct`: every character is in a Unicode punctuation category (P*)."""
     p = _PUNCT_CACHE.get(word)
     if p is None:
-        import unicodedata
-
         p = all(unicodedata.category(c).startswith("P") for c in word)
         if len(_PUNCT_CACHE) < 100_000:
             _PUNCT_CACHE[word] = p
@@ -150,6 +149,7 @@ class C4Filter(Filter):
         return "\n".join(kept).strip()
 
     def annotate(self, doc: Document) -> None:
+        """Scores only; `run` (the step) also replaces the text of kept pages with the kept lines."""
         self.clean(doc)
 
     def reject(self, doc: Document) -> str | None:

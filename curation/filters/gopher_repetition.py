@@ -20,7 +20,13 @@ from typing import ClassVar
 
 from curation.document import Document
 from curation.step import Filter
-from curation.text_stats import duplicated_ngram_chars, find_duplicates, top_ngram_chars, view
+from curation.text_stats import (
+    duplicated_ngram_chars,
+    find_duplicates,
+    first_ngram_chars,
+    top_ngram_chars,
+    view,
+)
 
 _PARAGRAPH_SPLIT = re.compile(r"\n{2,}")
 _LINE_SPLIT = re.compile(r"\n+")
@@ -80,10 +86,22 @@ class GopherRepetitionFilter(Filter):
         a["gopher_rep.dup_line_frac"] = dup / len(lines)
         a["gopher_rep.dup_line_char_frac"] = dup_chars / n_chars
         v = view(text)
-        for n, _ in self.top_n_grams:
-            a[f"gopher_rep.top_{n}gram_frac"] = top_ngram_chars(v, n) / n_chars
-        for n, _ in self.dup_n_grams:
-            a[f"gopher_rep.dup_{n}gram_frac"] = duplicated_ngram_chars(v, n) / n_chars
+        # Increasing n: once no n-gram repeats, no longer one does (skip the counting).
+        all_unique = False
+        for n in sorted(n for n, _ in self.top_n_grams):
+            if all_unique:
+                chars = first_ngram_chars(v, n)
+            else:
+                chars, best = top_ngram_chars(v, n)
+                all_unique = best == 1
+            a[f"gopher_rep.top_{n}gram_frac"] = chars / n_chars
+        none_repeat = False
+        for n in sorted(n for n, _ in self.dup_n_grams):
+            chars = 0
+            if not none_repeat:
+                chars, repeated = duplicated_ngram_chars(v, n)
+                none_repeat = repeated == 0
+            a[f"gopher_rep.dup_{n}gram_frac"] = chars / n_chars
 
     def reject(self, doc: Document) -> str | None:
         a = doc.attributes

@@ -26,7 +26,7 @@ import re
 import tarfile
 from collections.abc import Iterable
 from pathlib import Path
-from typing import ClassVar
+from typing import IO, ClassVar
 
 import numpy as np
 import xxhash
@@ -68,6 +68,28 @@ def _hash(s: str) -> int:
     return xxhash.xxh3_64_intdigest(s.encode("utf-8", "surrogatepass"))
 
 
+def _hash_lines(f: IO[bytes], block: int = 1 << 23) -> np.ndarray:
+    """Sorted uint64 hashes of the non-comment lines of a stream, read in blocks (low peak memory)."""
+    parts: list[np.ndarray] = []
+    rest = b""
+    while True:
+        buf = f.read(block)
+        data = rest + buf
+        if buf:
+            cut = data.rfind(b"\n") + 1
+            data, rest = data[:cut], data[cut:]
+        # Domains hold no spaces: a whitespace split is datatrove's per-line strip minus empty lines.
+        lines = data.split()
+        if b"#" in data:
+            lines = [ln for ln in lines if not ln.startswith(b"#")]
+        parts.append(np.fromiter(map(xxhash.xxh3_64_intdigest, lines), dtype=np.uint64, count=len(lines)))
+        if not buf:
+            break
+    hashes = np.concatenate(parts)
+    hashes.sort()
+    return hashes
+
+
 @functools.lru_cache(maxsize=2)
 def load_blocklists(tar_path: str) -> tuple[np.ndarray, frozenset[str]]:
     """(sorted uint64 hashes of the listed domains, the listed URLs), shared by every instance."""
@@ -76,16 +98,10 @@ def load_blocklists(tar_path: str) -> tuple[np.ndarray, frozenset[str]]:
         urls_f = tar.extractfile("urls")
         if domains_f is None or urls_f is None:
             raise ValueError(f"{tar_path}: expected 'domains' and 'urls' files in the blocklist archive")
-        raw = domains_f.read()
+        hashes = _hash_lines(domains_f)
         urls = frozenset(
             _word_list(urls_f.read().decode("utf-8", "replace").splitlines(), do_normalize=False)
         )
-    # Domains hold no spaces: a whitespace split is datatrove's per-line strip, minus empty lines.
-    lines = raw.split()
-    if b"#" in raw:
-        lines = [ln for ln in lines if not ln.startswith(b"#")]
-    hashes = np.fromiter(map(xxhash.xxh3_64_intdigest, lines), dtype=np.uint64, count=len(lines))
-    hashes.sort()
     return hashes, urls
 
 
