@@ -55,6 +55,7 @@ def bench_extract(files: list[str]) -> dict:
 
 
 def bench_minhash(docs: list[str]) -> dict:
+    import xxhash
     from datasketch import MinHash
 
     from curation.dedup.minhash import MinHasher
@@ -65,19 +66,21 @@ def bench_minhash(docs: list[str]) -> dict:
     word_re = re.compile(r"[^\W_]+")
     perms = MinHash(num_perm=num_perm, seed=seed).permutations
 
-    def datasketch_all() -> None:
+    def datasketch_all(hashfunc: Callable | None = None) -> None:
         for d in docs:
             ws = word_re.findall(d.lower())
             shingles = [" ".join(ws[i:i + n]).encode() for i in range(max(1, len(ws) - n + 1))]
-            m = MinHash(num_perm=num_perm, seed=seed, permutations=perms)
+            m = MinHash(num_perm=num_perm, seed=seed, permutations=perms, scheme="affine32", hashfunc=hashfunc)
             m.update_batch(shingles)
 
     t_ours = _best_of(lambda: [ours.signatures(docs[i:i + 256]) for i in range(0, len(docs), 256)])
     t_ds = _best_of(datasketch_all)
+    t_ds_xx = _best_of(lambda: datasketch_all(xxhash.xxh32_intdigest))
     out = {"docs": len(docs), "num_perm": num_perm, "ours_sig_per_s": len(docs) / t_ours,
-           "datasketch_sig_per_s": len(docs) / t_ds, "ratio": t_ds / t_ours}
+           "datasketch_sig_per_s": len(docs) / t_ds, "ratio": t_ds / t_ours,
+           "datasketch_xxh32_sig_per_s": len(docs) / t_ds_xx, "ratio_vs_xxh32": t_ds_xx / t_ours}
     print(f"minhash: ours {out['ours_sig_per_s']:.0f} sig/s, datasketch {out['datasketch_sig_per_s']:.0f} "
-          f"→ {out['ratio']:.1f}×")
+          f"→ {out['ratio']:.1f}× (datasketch with an xxh32 hash: {out['ratio_vs_xxh32']:.1f}×)")
     return out
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from curation.registry import DEDUP_STEPS, DOC_STEPS, ConfigError, _suggest, resolve
+from curation.registry import DEDUP_STEPS, DOC_STEPS, ConfigError, _suggest, check_params
 
 TOP_KEYS = ("name", "source", "read", "steps", "dedup", "output")
 READ_KEYS = ("statuses", "content_types", "max_payload_bytes", "cache_dir")
@@ -109,8 +109,8 @@ def _specs(items: list[Any], table: dict[str, str], where: str) -> list[StepSpec
 
 
 def validate_buildable(cfg: CurationConfig) -> None:
-    """Import every step class now, so a missing dependency fails before any work starts."""
+    """Import every step class and check its parameters now, before any work starts."""
     for spec in cfg.steps:
-        resolve(spec.name, DOC_STEPS)
+        check_params(spec.name, spec.params, DOC_STEPS)
     for spec in cfg.dedup:
-        resolve(spec.name, DEDUP_STEPS)
+        check_params(spec.name, spec.params, DEDUP_STEPS)

@@ -50,19 +50,25 @@ def resolve(name: str, table: dict[str, str]) -> type:
         raise ConfigError(f"step {name!r} cannot be built: {e}") from e
 
 
-def build(name: str, params: dict[str, Any] | None, table: dict[str, str]) -> Any:
-    """Instantiate a step, turning unknown parameters into an error that names them."""
+def check_params(name: str, params: dict[str, Any] | None, table: dict[str, str]) -> type:
+    """Resolve a step and check its parameter names without building it (no model loads)."""
     cls = resolve(name, table)
-    params = dict(params or {})
     sig = inspect.signature(cls.__init__)
     accepts_kwargs = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
     valid = [p for p in sig.parameters if p != "self"]
     if not accepts_kwargs:
-        for key in params:
+        for key in params or {}:
             if key not in valid:
                 raise ConfigError(
                     f"step {name!r} has no parameter {key!r}{_suggest(key, valid)}; valid: {', '.join(valid)}"
                 )
+    return cls
+
+
+def build(name: str, params: dict[str, Any] | None, table: dict[str, str]) -> Any:
+    """Instantiate a step, turning unknown parameters into an error that names them."""
+    cls = check_params(name, params, table)
+    params = dict(params or {})
     try:
         return cls(**params)
     except (TypeError, ValueError) as e:

@@ -82,6 +82,13 @@ def main(argv: list[str] | None = None) -> int:
     from curation.registry import ConfigError
 
     try:
+        if args.command in ("train", "export", "import", "generate"):
+            from training.checkpoint import CheckpointError
+
+            try:
+                return _dispatch(args, progress)
+            except CheckpointError as e:  # a missing or unreadable checkpoint is the user's input
+                raise ValueError(str(e)) from e
         return _dispatch(args, progress)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"refinery: error: {e}", file=sys.stderr)
@@ -104,9 +111,8 @@ def _dispatch(args: argparse.Namespace, progress: bool) -> int:
         print(f"tokenizer written to {path}")
         return 0
     if args.command == "tokenize":
-        from curation.tokenize import tokenize_corpus
-
         from curation.executor import make_executor
+        from curation.tokenize import tokenize_corpus
 
         ex = make_executor(args.executor, ray_address=args.ray_address, progress=progress)
         try:

@@ -113,6 +113,12 @@ def test_export_accepts_a_wrapped_training_state_dict(tmp_path: Path) -> None:
     assert torch.equal(back.layers[1].mlp.down_proj.weight, model.layers[1].mlp.down_proj.weight)
 
 
+def test_export_unwraps_a_compiled_model(tmp_path: Path) -> None:
+    model = Transformer(tiny())
+    export_hf(torch.compile(model), tmp_path)  # wrapping only: nothing is compiled until called
+    assert torch.equal(import_hf(tmp_path).norm.weight, model.norm.weight)
+
+
 def test_bad_inputs_get_clear_errors(tmp_path: Path) -> None:
     model = Transformer(tiny())
     with pytest.raises(ValueError, match="needs its ModelConfig"):

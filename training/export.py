@@ -110,9 +110,18 @@ def export_hf(
 ) -> Path:
     """Write `model.safetensors`, `config.json` (and `tokenizer.json` if given) into `out_dir`.
 
-    `model` is a Transformer, a `(state_dict, ModelConfig)` pair, or a state dict with `config=`.
+    `model` is a Transformer, a `(state_dict, ModelConfig)` pair, or a state dict with `config=`;
+    wrapper prefixes (`_orig_mod.`, `module.`, `_checkpoint_wrapped_module.`) are stripped. FSDP2
+    DTensors are gathered with `full_tensor()`, a collective: under FSDP2 either call this on every
+    rank with a distinct or shared `out_dir`, or (better) pass rank 0's full state dict from
+    `torch.distributed.checkpoint.state_dict.get_model_state_dict(full_state_dict=True, cpu_offload=True)`.
     A tied head is stored once (as HF does); `dtype` casts floating weights (default: as stored).
     """
+    while isinstance(model, torch.nn.Module) and not isinstance(model, Transformer):
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)  # compile / DDP
+        if inner is None:
+            raise TypeError(f"export_hf cannot export a {type(model).__name__}; pass our Transformer")
+        model = inner
     if isinstance(model, Transformer):
         cfg, state = model.cfg, _full_state_dict(model.state_dict())
     else:
@@ -242,3 +251,25 @@ def import_hf(hf_dir: str | os.PathLike[str], dtype: torch.dtype | None = torch.
     model.load_state_dict(state, strict=True)
     model.reset_rope_tables()
     return model
+
+
+def export_checkpoint(checkpoint: str | os.PathLike[str], out_dir: str | os.PathLike[str],
+                      tokenizer_path: str | os.PathLike[str] | None = None) -> Path:
+    """`refinery export`: a training checkpoint (run, `checkpoints` or step dir) → HF Llama dir."""
+    from training.checkpoint import load_model_file
+
+    data = load_model_file(checkpoint)
+    return export_hf((data["model"], ModelConfig.from_dict(data["model_config"])), out_dir,
+                     tokenizer_path=tokenizer_path)
+
+
+def import_to_checkpoint(hf_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> Path:
+    """`refinery import`: a HF Llama dir → a weights-only checkpoint that `train.init_from` accepts."""
+    from training.checkpoint import write_model_checkpoint
+
+    model = import_hf(hf_dir)
+    out = write_model_checkpoint(out_dir, model.state_dict(), model.cfg.to_dict())
+    tok = Path(hf_dir) / "tokenizer.json"
+    if tok.is_file():
+        shutil.copyfile(tok, Path(out) / "tokenizer.json")
+    return out

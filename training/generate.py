@@ -180,3 +180,45 @@ def generate(
             row = row[: row.index(eos_id) + 1]
         results.append(row)
     return results
+
+
+# Common names of the end-of-sequence token: ours, Llama 3, GPT-2/NeoX/OLMo, Llama 2.
+_EOS_NAMES = ("<|eos|>", "<|end_of_text|>", "<|endoftext|>", "</s>")
+
+
+def generate_text(model_path: str, prompt: str, tokenizer_path: str | None = None, max_new_tokens: int = 64,
+                  temperature: float = 0.8, top_p: float = 0.95, greedy: bool = False, seed: int = 0) -> str:
+    """`refinery generate`: load a checkpoint or a HF Llama dir, continue `prompt`, return the text."""
+    import json
+    from pathlib import Path
+
+    from tokenizers import Tokenizer
+
+    path = Path(model_path)
+    weights = (path / "model.safetensors").exists() or (path / "model.safetensors.index.json").exists()
+    if (path / "config.json").is_file() and weights:
+        from training.export import import_hf
+
+        model = import_hf(path)
+        hf_cfg = json.loads((path / "config.json").read_text())
+    else:
+        from training.checkpoint import load_transformer, resolve_checkpoint
+
+        model = load_transformer(path)
+        hf_cfg = {}
+        path = resolve_checkpoint(path)
+    candidates = [tokenizer_path] if tokenizer_path else [path / "tokenizer.json", path.parent / "tokenizer.json"]
+    tok_file = next((Path(c) for c in candidates if c and Path(c).is_file()), None)
+    if tok_file is None:
+        raise FileNotFoundError(f"no tokenizer.json beside {model_path}; pass --tokenizer")
+    tok = Tokenizer.from_file(str(tok_file))
+    eos_id = hf_cfg.get("eos_token_id")
+    if eos_id is None:
+        eos_id = next((i for i in (tok.token_to_id(n) for n in _EOS_NAMES) if i is not None), None)
+    model.eval()
+    ids = tok.encode(prompt).ids
+    out = generate(model, [ids], max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                   greedy=greedy, eos_id=eos_id, seed=seed)[0]
+    if eos_id is not None and out and out[-1] == eos_id:
+        out = out[:-1]
+    return prompt + tok.decode(out)

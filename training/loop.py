@@ -196,10 +196,8 @@ def _full_state(model: nn.Module, info: DistInfo) -> dict[str, torch.Tensor]:
 def _export(model: nn.Module, mcfg: ModelConfig, out_dir: Path, tokenizer: Path | None,
             info: DistInfo) -> str | None:
     """HF export of the final weights (collective gather, rank 0 writes)."""
-    try:
-        from training.export import export_hf
-    except ImportError:  # export not installed in this build: training still succeeds
-        return None
+    from training.export import export_hf
+
     state = _full_state(model, info)
     if not info.is_main:
         return None
