@@ -119,7 +119,7 @@ def _dispatch(args: argparse.Namespace, progress: bool) -> int:
             manifest = tokenize_corpus(args.corpus, args.tokenizer, args.output, executor=ex)
         finally:
             ex.shutdown()
-        print(f"{manifest['total_tokens']:,} tokens in {len(manifest['shards'])} shards → {args.output}")
+        print(f"{manifest['total_tokens']:,} tokens in {manifest['shards']} shards → {args.output}")
         if manifest.get("failed"):
             print(f"refinery: error: {len(manifest['failed'])} input files failed: {manifest['failed']}",
                   file=sys.stderr)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,3 +20,39 @@ def shared_data() -> Path:
             pytest.fail(f"CI=true but the real data set is missing at {SHARED_DATA}")
         pytest.skip(f"real data set not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Train single-threaded: on 2 shared cores, OpenMP threads spinning against each other make a
+    training step tens of times slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def shakespeare_tokens(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """tiny-shakespeare split 90/10 into train / held-out token manifests (512-token BPE), and a long
+    Gutenberg book as the long-document held-out set of mid-training. Built once per test session."""
+    from curation.tokenize import tokenize_corpus
+    from curation.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("shakespeare_tokens")
+    text = (shared_data / "text" / "tinyshakespeare" / "input.txt").read_text()
+    cut = int(len(text) * 0.9)
+    for name, part in (("train", text[:cut]), ("heldout", text[cut:])):
+        (root / f"{name}_txt").mkdir()
+        (root / f"{name}_txt" / f"{name}.txt").write_text(part)
+    (root / "long_txt").mkdir()
+    book = (shared_data / "text" / "gutenberg_nltk" / "austen-persuasion.txt").read_text()
+    (root / "long_txt" / "persuasion.txt").write_text(book)
+    tok = train_tokenizer([root / "train_txt"], 512, root / "tokenizer" / "tokenizer.json")
+    out = {}
+    for name in ("train", "heldout", "long"):
+        tokenize_corpus(root / f"{name}_txt", tok, root / name, suffixes=(".txt",))
+        out[name] = root / name
+    return out

@@ -47,3 +47,23 @@ def test_export_import_generate_round_trip(shared_data: Path, tmp_path: Path,
     capsys.readouterr()
     assert main(["generate", str(tmp_path / "hf"), "--prompt", "ROMEO:", "--greedy", "--max-new-tokens", "8"]) == 0
     assert capsys.readouterr().out.startswith("ROMEO:")
+
+
+def test_tokenizer_train_and_tokenize_commands(shared_data: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture) -> None:
+    import json
+
+    from curation.document import Document
+    from curation.writer import write_parquet_docs
+
+    lines = (shared_data / "text" / "tinyshakespeare" / "input.txt").read_text().split("\n\n")[:300]
+    docs = [Document(id=str(i), text=t, source="books") for i, t in enumerate(lines) if t.strip()]
+    write_parquet_docs(docs, tmp_path / "corpus" / "books" / "00000.parquet")
+    tok = tmp_path / "tok.json"
+    assert main(["-q", "tokenizer", "train", "--input", str(tmp_path / "corpus"), "--vocab-size", "400",
+                 "--output", str(tok)]) == 0
+    assert main(["-q", "tokenize", "--corpus", str(tmp_path / "corpus"), "--tokenizer", str(tok),
+                 "--output", str(tmp_path / "tokens")]) == 0
+    manifest = json.loads((tmp_path / "tokens" / "manifest.json").read_text())
+    assert manifest["total_documents"] == len(docs) and manifest["dtype"] == "uint16"
+    assert "tokens in 1 shards" in capsys.readouterr().out

@@ -7,14 +7,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
-from curation.tokenize import tokenize_corpus
-from curation.tokenizer import train_tokenizer
 from training.checkpoint import load_model_file
 from training.config import load_config
 from training.loop import train
@@ -29,57 +26,37 @@ LR = 5e-3
 # allowed: 10%. A wrong reduction (a rank's gradient dropped or doubled) already shows in grad_norm.
 PARAM_TOLERANCE = 0.1 * LR
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # see test_train_loop.py: shared cores, no OpenMP oversubscription
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def tokens(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("tokens")
-    text = (shared_data / "text" / "tinyshakespeare" / "input.txt").read_text()
-    cut = int(len(text) * 0.9)
-    for name, part in (("train", text[:cut]), ("heldout", text[cut:])):
-        (root / f"{name}_txt").mkdir()
-        (root / f"{name}_txt" / f"{name}.txt").write_text(part)
-    tok = train_tokenizer([root / "train_txt"], 512, root / "tokenizer" / "tokenizer.json")
-    for name in ("train", "heldout"):
-        tokenize_corpus(root / f"{name}_txt", tok, root / name, suffixes=(".txt",))
-    return {"train": root / "train", "heldout": root / "heldout"}
-
-
-def _overrides(tokens: dict[str, Path], out: Path, *extra: str) -> list[str]:
+def _overrides(shakespeare_tokens: dict[str, Path], out: Path, *extra: str) -> list[str]:
     # Two micro-batches per step: the no-sync path of gradient accumulation is exercised too.
-    return ["model.size=1m", f"data.mix={tokens['train']}", f"data.eval={tokens['heldout']}",
+    return ["model.size=1m", f"data.mix={shakespeare_tokens['train']}", f"data.eval={shakespeare_tokens['heldout']}",
             "data.seq_len=64", "train.batch_size=8", "optim.grad_accum=2", f"optim.lr={LR}", "optim.warmup=2",
             "train.steps=4", "train.eval_batches=1", "train.log_every=1", "train.progress=false",
             "train.export_hf=false", f"train.out_dir={out}", *extra]
 
 
 @pytest.fixture(scope="module")
-def single(tokens: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+def single(shakespeare_tokens: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("single")
     before = torch.get_num_threads()
-    torch.set_num_threads(1)  # a module fixture is set up before the autouse one_thread
+    torch.set_num_threads(1)  # module fixtures run before the one_thread fixture
     try:
-        train(load_config(None, _overrides(tokens, out)))
+        train(load_config(None, _overrides(shakespeare_tokens, out)))
     finally:
         torch.set_num_threads(before)
     return out
 
 
-def _torchrun(tokens: dict[str, Path], out: Path, parallel: str, tmp_path: Path, *extra: str) -> None:
+def _torchrun(shakespeare_tokens: dict[str, Path], out: Path, parallel: str, tmp_path: Path, *extra: str) -> None:
     config = tmp_path / "cfg.yaml"
     config.write_text("stage: pretrain\n")
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["OMP_NUM_THREADS"] = "1"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "training.loop", "pretrain", str(config),
-           *_overrides(tokens, out, f"train.parallel={parallel}", "train.device=cpu", *extra)]
+           *_overrides(shakespeare_tokens, out, f"train.parallel={parallel}", "train.device=cpu", *extra)]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -100,19 +77,19 @@ def _assert_same_run(single: Path, multi: Path) -> None:
 
 @pytest.mark.slow
 def test_two_rank_ddp_matches_one_process_with_the_same_global_batch(
-        tokens: dict[str, Path], single: Path, tmp_path: Path) -> None:
+        shakespeare_tokens: dict[str, Path], single: Path, tmp_path: Path) -> None:
     out = tmp_path / "ddp"
-    _torchrun(tokens, out, "ddp", tmp_path)
+    _torchrun(shakespeare_tokens, out, "ddp", tmp_path)
     _assert_same_run(single, out)
 
 
 @pytest.mark.slow
 def test_two_rank_fsdp2_stopped_and_resumed_matches_one_process_with_the_same_global_batch(
-        tokens: dict[str, Path], single: Path, tmp_path: Path) -> None:
+        shakespeare_tokens: dict[str, Path], single: Path, tmp_path: Path) -> None:
     # Stopping after step 2 and resuming in a new torchrun job also covers the FSDP2 checkpoint:
     # sharded weights and optimizer state gathered to rank 0, then loaded and re-sharded.
     out = tmp_path / "fsdp"
-    _torchrun(tokens, out, "fsdp", tmp_path, "train.checkpoint_every=2", "train.stop_after=2")
+    _torchrun(shakespeare_tokens, out, "fsdp", tmp_path, "train.checkpoint_every=2", "train.stop_after=2")
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2]
-    _torchrun(tokens, out, "fsdp", tmp_path, "train.checkpoint_every=2")
+    _torchrun(shakespeare_tokens, out, "fsdp", tmp_path, "train.checkpoint_every=2")
     _assert_same_run(single, out)

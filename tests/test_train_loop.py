@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from curation.tokenize import tokenize_corpus
-from curation.tokenizer import train_tokenizer
 from training.checkpoint import load_model_file, resolve_checkpoint, write_model_checkpoint
 from training.config import ConfigError, load_config
 from training.data import eval_batches
@@ -20,40 +17,11 @@ from training.loop import evaluate, param_groups, train
 from training.metrics import read_metrics
 from training.model import ModelConfig, Transformer
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    # Two cores shared by many processes: OpenMP threads spinning against each other make a
-    # step tens of times slower, so these tests train single-threaded.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def tokens(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """tiny-shakespeare split 90/10 into train / held-out token manifests (512-token BPE), and a long
-    Gutenberg book as the long-document held-out set of mid-training."""
-    root = tmp_path_factory.mktemp("tokens")
-    text = (shared_data / "text" / "tinyshakespeare" / "input.txt").read_text()
-    cut = int(len(text) * 0.9)
-    for name, part in (("train", text[:cut]), ("heldout", text[cut:])):
-        (root / f"{name}_txt").mkdir()
-        (root / f"{name}_txt" / f"{name}.txt").write_text(part)
-    (root / "long_txt").mkdir()
-    book = (shared_data / "text" / "gutenberg_nltk" / "austen-persuasion.txt").read_text()
-    (root / "long_txt" / "persuasion.txt").write_text(book)
-    tok = train_tokenizer([root / "train_txt"], 512, root / "tokenizer" / "tokenizer.json")
-    out = {}
-    for name in ("train", "heldout", "long"):
-        tokenize_corpus(root / f"{name}_txt", tok, root / name, suffixes=(".txt",))
-        out[name] = root / name
-    return out
-
-
-def _overrides(tokens: dict[str, Path], out: Path, *extra: str) -> list[str]:
-    return ["model.size=1m", f"data.mix={tokens['train']}", f"data.eval={tokens['heldout']}",
+def _overrides(shakespeare_tokens: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    return ["model.size=1m", f"data.mix={shakespeare_tokens['train']}", f"data.eval={shakespeare_tokens['heldout']}",
             "data.seq_len=64", "train.batch_size=16", "optim.lr=1e-2", "optim.warmup=5",
             "train.eval_batches=4", "train.log_every=1", "train.progress=false", f"train.out_dir={out}",
             *extra]
@@ -68,17 +36,17 @@ def _unigram_cross_entropy(train_dir: Path, eval_dir: Path) -> float:
     return float(-np.log(p[eval_tokens]).mean())
 
 
-def test_pretraining_on_real_text_falls_below_the_unigram_baseline(tokens: dict[str, Path], tmp_path: Path) -> None:
+def test_pretraining_on_real_text_falls_below_the_unigram_baseline(shakespeare_tokens: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "run"
-    summary = train(load_config(None, _overrides(tokens, out, "train.steps=40", "train.eval_every=20")))
+    summary = train(load_config(None, _overrides(shakespeare_tokens, out, "train.steps=40", "train.eval_every=20")))
     records = read_metrics(out / "metrics.jsonl")
     evals = [r for r in records if "eval_loss" in r]
-    unigram = _unigram_cross_entropy(tokens["train"], tokens["heldout"])
+    unigram = _unigram_cross_entropy(shakespeare_tokens["train"], shakespeare_tokens["heldout"])
     assert [r["step"] for r in evals] == [20, 40]
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] < math.log(512)
     assert summary["eval_loss"] == evals[-1]["eval_loss"] < unigram - 0.1
     # Bits per byte follow from the manifest's bytes per token.
-    manifest = json.loads((tokens["heldout"] / "manifest.json").read_text())
+    manifest = json.loads((shakespeare_tokens["heldout"] / "manifest.json").read_text())
     bytes_per_token = manifest["total_text_bytes"] / manifest["total_tokens"]
     assert evals[-1]["eval_bpb"] == pytest.approx(evals[-1]["eval_loss"] / math.log(2) / bytes_per_token)
     # One line per step with the logged fields; MFU is unknown on CPU.
@@ -106,10 +74,10 @@ def test_weight_decay_applies_to_linear_matrices_only() -> None:
     assert len(decayed) + len(skipped) == len(list(model.parameters()))
 
 
-def test_activation_checkpointing_leaves_the_losses_unchanged(tokens: dict[str, Path], tmp_path: Path) -> None:
-    plain = train(load_config(None, _overrides(tokens, tmp_path / "a", "train.steps=3", "optim.warmup=1", "data.eval=none",
+def test_activation_checkpointing_leaves_the_losses_unchanged(shakespeare_tokens: dict[str, Path], tmp_path: Path) -> None:
+    plain = train(load_config(None, _overrides(shakespeare_tokens, tmp_path / "a", "train.steps=3", "optim.warmup=1", "data.eval=none",
                                                "train.export_hf=false")))
-    ckpt = train(load_config(None, _overrides(tokens, tmp_path / "b", "train.steps=3", "optim.warmup=1", "data.eval=none",
+    ckpt = train(load_config(None, _overrides(shakespeare_tokens, tmp_path / "b", "train.steps=3", "optim.warmup=1", "data.eval=none",
                                               "train.export_hf=false", "train.activation_checkpointing=true")))
     assert ckpt["losses"] == pytest.approx(plain["losses"], abs=1e-6)
     # Checkpoints hold clean parameter names whatever wrappers were applied.
@@ -117,13 +85,13 @@ def test_activation_checkpointing_leaves_the_losses_unchanged(tokens: dict[str, 
     assert "layers.0.self_attn.q_proj.weight" in names and not any("_checkpoint" in n for n in names)
 
 
-def test_midtrain_extends_the_context_from_a_pretrained_checkpoint(tokens: dict[str, Path], tmp_path: Path) -> None:
+def test_midtrain_extends_the_context_from_a_pretrained_checkpoint(shakespeare_tokens: dict[str, Path], tmp_path: Path) -> None:
     pre = tmp_path / "pre"
-    train(load_config(None, _overrides(tokens, pre, "train.steps=20", "model.max_seq_len=64", "data.eval=none",
+    train(load_config(None, _overrides(shakespeare_tokens, pre, "train.steps=20", "model.max_seq_len=64", "data.eval=none",
                                        "train.export_hf=false")))
     mid = tmp_path / "mid"
     summary = train(load_config(None, [
-        f"data.mix={tokens['train']}", f"data.eval={tokens['long']}", "data.seq_len=128",
+        f"data.mix={shakespeare_tokens['train']}", f"data.eval={shakespeare_tokens['long']}", "data.seq_len=128",
         "model.max_seq_len=128", "model.rope_theta=40000", f"train.init_from={pre}", f"train.out_dir={mid}",
         "train.steps=10", "train.batch_size=8", "optim.lr=3e-3", "optim.warmup=0", "optim.schedule=linear",
         "optim.min_lr_ratio=0", "train.eval_at_start=true", "train.eval_batches=4", "train.log_every=1",
@@ -144,45 +112,45 @@ def test_midtrain_extends_the_context_from_a_pretrained_checkpoint(tokens: dict[
     assert state["step"] == 10
 
 
-def test_midtrain_rejects_a_change_of_architecture(tokens: dict[str, Path], tmp_path: Path) -> None:
+def test_midtrain_rejects_a_change_of_architecture(shakespeare_tokens: dict[str, Path], tmp_path: Path) -> None:
     pre = tmp_path / "pre"
-    train(load_config(None, _overrides(tokens, pre, "train.steps=1", "optim.warmup=0", "data.eval=none", "train.export_hf=false")))
-    cfg = load_config(None, [f"data.mix={tokens['train']}", f"train.init_from={pre}", "model.n_layers=8",
+    train(load_config(None, _overrides(shakespeare_tokens, pre, "train.steps=1", "optim.warmup=0", "data.eval=none", "train.export_hf=false")))
+    cfg = load_config(None, [f"data.mix={shakespeare_tokens['train']}", f"train.init_from={pre}", "model.n_layers=8",
                              f"train.out_dir={tmp_path / 'mid'}", "train.progress=false"], stage="midtrain")
     with pytest.raises(ConfigError, match="model.n_layers=8 differs from the checkpoint's 4"):
         train(cfg)
 
 
-def test_sequences_longer_than_the_model_context_are_an_error(tokens: dict[str, Path], tmp_path: Path) -> None:
-    cfg = load_config(None, _overrides(tokens, tmp_path, "model.max_seq_len=32", "train.steps=1", "optim.warmup=0"))
+def test_sequences_longer_than_the_model_context_are_an_error(shakespeare_tokens: dict[str, Path], tmp_path: Path) -> None:
+    cfg = load_config(None, _overrides(shakespeare_tokens, tmp_path, "model.max_seq_len=32", "train.steps=1", "optim.warmup=0"))
     with pytest.raises(ConfigError, match="data.seq_len=64 exceeds model.max_seq_len=32"):
         train(cfg)
 
 
-def test_bf16_on_cpu_is_an_error(tokens: dict[str, Path], tmp_path: Path) -> None:
-    cfg = load_config(None, _overrides(tokens, tmp_path, "train.precision=bf16", "train.steps=1", "optim.warmup=0",
+def test_bf16_on_cpu_is_an_error(shakespeare_tokens: dict[str, Path], tmp_path: Path) -> None:
+    cfg = load_config(None, _overrides(shakespeare_tokens, tmp_path, "train.precision=bf16", "train.steps=1", "optim.warmup=0",
                                        "train.device=cpu"))
     with pytest.raises(ConfigError, match="bf16 needs a CUDA device"):
         train(cfg)
 
 
-def test_a_diverging_loss_stops_the_run_with_a_clear_error(tokens: dict[str, Path], tmp_path: Path) -> None:
-    cfg = load_config(None, _overrides(tokens, tmp_path, "optim.lr=1e30", "optim.warmup=0", "train.steps=6",
+def test_a_diverging_loss_stops_the_run_with_a_clear_error(shakespeare_tokens: dict[str, Path], tmp_path: Path) -> None:
+    cfg = load_config(None, _overrides(shakespeare_tokens, tmp_path, "optim.lr=1e30", "optim.warmup=0", "train.steps=6",
                                        "data.eval=none", "train.checkpoint_every=1"))
     with pytest.raises(FloatingPointError, match=r"training loss is nan at step \d; lower optim.lr"):
         train(cfg)
 
 
-def test_continued_pretraining_starts_from_a_weights_only_checkpoint(tokens: dict[str, Path], tmp_path: Path) -> None:
+def test_continued_pretraining_starts_from_a_weights_only_checkpoint(shakespeare_tokens: dict[str, Path], tmp_path: Path) -> None:
     # What `refinery import` of a Hugging Face model leaves: model.pt only, architecture included.
     torch.manual_seed(123)
     model = Transformer(ModelConfig.named("1m", 512, max_seq_len=64))
     write_model_checkpoint(tmp_path / "imported", model.state_dict(), model.cfg.to_dict())
     summary = train(load_config(None, [
-        f"data.mix={tokens['train']}", f"data.eval={tokens['heldout']}", "data.seq_len=64",
+        f"data.mix={shakespeare_tokens['train']}", f"data.eval={shakespeare_tokens['heldout']}", "data.seq_len=64",
         "train.batch_size=16", "train.steps=2", "optim.warmup=0", "train.eval_at_start=true",
         "train.eval_batches=2", f"train.init_from={tmp_path / 'imported'}", f"train.out_dir={tmp_path / 'run'}",
         "train.progress=false", "train.export_hf=false"]))
-    expected = evaluate(model, list(eval_batches(tokens["heldout"], 64, 16, 2)), torch.device("cpu"), "fp32")
+    expected = evaluate(model, list(eval_batches(shakespeare_tokens["heldout"], 64, 16, 2)), torch.device("cpu"), "fp32")
     assert summary["initial_eval_loss"] == pytest.approx(expected, abs=1e-6)
     assert summary["model_config"]["max_seq_len"] == 64  # the checkpoint's architecture, not a default

@@ -6,14 +6,11 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
-from curation.tokenize import tokenize_corpus
-from curation.tokenizer import train_tokenizer
 from training.checkpoint import CheckpointError, load_model_file, step_dir_name
 from training.config import ConfigError, load_config
 from training.loop import train
@@ -21,33 +18,13 @@ from training.metrics import read_metrics
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # see test_train_loop.py: shared cores, no OpenMP oversubscription
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def tokens(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("tokens")
-    text = (shared_data / "text" / "tinyshakespeare" / "input.txt").read_text()
-    cut = int(len(text) * 0.9)
-    for name, part in (("train", text[:cut]), ("heldout", text[cut:])):
-        (root / f"{name}_txt").mkdir()
-        (root / f"{name}_txt" / f"{name}.txt").write_text(part)
-    tok = train_tokenizer([root / "train_txt"], 512, root / "tokenizer" / "tokenizer.json")
-    for name in ("train", "heldout"):
-        tokenize_corpus(root / f"{name}_txt", tok, root / name, suffixes=(".txt",))
-    return {"train": root / "train", "heldout": root / "heldout"}
-
-
-def _overrides(tokens: dict[str, Path], out: Path, *extra: str) -> list[str]:
+def _overrides(shakespeare_tokens: dict[str, Path], out: Path, *extra: str) -> list[str]:
     # Clipping active (grad_clip 0.5), a cosine schedule and two micro-batches per step, so the
     # optimizer state, the step and the data position all matter for exactness.
-    return ["model.size=1m", f"data.mix={tokens['train']}", f"data.eval={tokens['heldout']}",
+    return ["model.size=1m", f"data.mix={shakespeare_tokens['train']}", f"data.eval={shakespeare_tokens['heldout']}",
             "data.seq_len=64", "train.batch_size=8", "optim.grad_accum=2", "optim.lr=5e-3", "optim.warmup=3",
             "optim.grad_clip=0.5", "optim.schedule=cosine", "train.eval_every=10", "train.eval_batches=2",
             "train.log_every=1", "train.checkpoint_every=10", "train.progress=false", "train.export_hf=false",
@@ -55,12 +32,12 @@ def _overrides(tokens: dict[str, Path], out: Path, *extra: str) -> list[str]:
 
 
 def test_killed_run_resumed_in_a_new_process_repeats_the_uninterrupted_losses(
-        tokens: dict[str, Path], tmp_path: Path) -> None:
+        shakespeare_tokens: dict[str, Path], tmp_path: Path) -> None:
     straight = tmp_path / "straight"
-    train(load_config(None, _overrides(tokens, straight)))
+    train(load_config(None, _overrides(shakespeare_tokens, straight)))
 
     killed = tmp_path / "killed"
-    train(load_config(None, _overrides(tokens, killed, "train.stop_after=13")))
+    train(load_config(None, _overrides(shakespeare_tokens, killed, "train.stop_after=13")))
     # What a kill at step 13 leaves on disk: the step-10 checkpoint as latest, and metrics for
     # steps 11-13 that the resumed run will repeat.
     ckpts = killed / "checkpoints"
@@ -73,7 +50,7 @@ def test_killed_run_resumed_in_a_new_process_repeats_the_uninterrupted_losses(
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)
     proc = subprocess.run([sys.executable, "-m", "training.loop", "pretrain", str(config),
-                           *_overrides(tokens, killed)], cwd=REPO_ROOT, env=env, capture_output=True,
+                           *_overrides(shakespeare_tokens, killed)], cwd=REPO_ROOT, env=env, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
 
@@ -89,9 +66,9 @@ def test_killed_run_resumed_in_a_new_process_repeats_the_uninterrupted_losses(
         torch.testing.assert_close(wb[name], tensor, rtol=0, atol=1e-6)
 
 
-def test_checkpoints_keep_the_last_k_and_point_latest_at_the_newest(tokens: dict[str, Path], tmp_path: Path) -> None:
+def test_checkpoints_keep_the_last_k_and_point_latest_at_the_newest(shakespeare_tokens: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "run"
-    train(load_config(None, _overrides(tokens, out, "train.steps=8", "train.checkpoint_every=2",
+    train(load_config(None, _overrides(shakespeare_tokens, out, "train.steps=8", "train.checkpoint_every=2",
                                        "train.keep_checkpoints=2", "data.eval=none")))
     ckpts = out / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["latest", step_dir_name(6), step_dir_name(8)]
@@ -100,23 +77,23 @@ def test_checkpoints_keep_the_last_k_and_point_latest_at_the_newest(tokens: dict
                                                                           "train_state.pt"]
 
 
-def test_resuming_with_a_different_global_batch_is_an_error(tokens: dict[str, Path], tmp_path: Path) -> None:
+def test_resuming_with_a_different_global_batch_is_an_error(shakespeare_tokens: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "run"
-    train(load_config(None, _overrides(tokens, out, "train.steps=2", "optim.warmup=1", "train.checkpoint_every=1", "data.eval=none")))
+    train(load_config(None, _overrides(shakespeare_tokens, out, "train.steps=2", "optim.warmup=1", "train.checkpoint_every=1", "data.eval=none")))
     with pytest.raises(ValueError, match="global_batch_size"):
-        train(load_config(None, _overrides(tokens, out, "train.steps=4", "train.batch_size=4", "data.eval=none")))
+        train(load_config(None, _overrides(shakespeare_tokens, out, "train.steps=4", "train.batch_size=4", "data.eval=none")))
 
 
-def test_a_latest_pointer_to_a_missing_checkpoint_is_an_error(tokens: dict[str, Path], tmp_path: Path) -> None:
+def test_a_latest_pointer_to_a_missing_checkpoint_is_an_error(shakespeare_tokens: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "run"
     (out / "checkpoints").mkdir(parents=True)
     (out / "checkpoints" / "latest").write_text(step_dir_name(5))
     with pytest.raises(CheckpointError, match="missing model.pt"):
-        train(load_config(None, _overrides(tokens, out, "data.eval=none")))
+        train(load_config(None, _overrides(shakespeare_tokens, out, "data.eval=none")))
 
 
-def test_starting_over_in_a_used_out_dir_is_an_error(tokens: dict[str, Path], tmp_path: Path) -> None:
+def test_starting_over_in_a_used_out_dir_is_an_error(shakespeare_tokens: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "run"
-    train(load_config(None, _overrides(tokens, out, "train.steps=1", "optim.warmup=0", "data.eval=none")))
+    train(load_config(None, _overrides(shakespeare_tokens, out, "train.steps=1", "optim.warmup=0", "data.eval=none")))
     with pytest.raises(ConfigError, match="holds checkpoints of an earlier run and train.resume=false"):
-        train(load_config(None, _overrides(tokens, out, "train.resume=false", "data.eval=none")))
+        train(load_config(None, _overrides(shakespeare_tokens, out, "train.resume=false", "data.eval=none")))
