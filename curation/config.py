@@ -14,7 +14,7 @@ from curation.registry import DEDUP_STEPS, DOC_STEPS, ConfigError, _suggest, che
 
 TOP_KEYS = ("name", "source", "read", "steps", "dedup", "output")
 READ_KEYS = ("statuses", "content_types", "max_payload_bytes", "cache_dir")
-OUTPUT_KEYS = ("format", "rows_per_batch")
+OUTPUT_KEYS = ("format",)
 FORMATS = ("parquet", "dolma")
 
 
@@ -70,6 +70,10 @@ class CurationConfig:
             dedup=_specs(raw.get("dedup") or [], DEDUP_STEPS, f"{where}: dedup"),
             output=output,
         )
+        # Exact dedup's survivor must also be MinHash's, or a cluster could lose every member.
+        survivors = {s.params.get("survivor", "earliest") for s in cfg.dedup}
+        if len(survivors) > 1:
+            raise ConfigError(f"{where}: dedup steps must share one survivor rule, got {sorted(survivors)}")
         return cfg
 
     @classmethod

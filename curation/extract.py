@@ -47,6 +47,8 @@ _BOMS = (
     (codecs.BOM_UTF16_BE, "utf-16-be"),
 )
 
+_WHATWG_LABELS = {"iso8859-1": "cp1252", "ascii": "cp1252"}
+
 
 class ExtractTimeout(Exception):
     """Raised inside an extraction that ran past its time limit."""
@@ -130,7 +132,9 @@ def decode_html(raw: bytes, declared: str | None = None) -> str:
             return raw[len(bom):].decode(enc, errors="replace")
     if declared:
         try:
-            return raw.decode(declared)
+            # WHATWG decodes the iso-8859-1 and us-ascii labels as windows-1252 (0x93 is a curly
+            # quote, not a C1 control); undefined cp1252 bytes fall through to detection.
+            return raw.decode(_WHATWG_LABELS.get(codecs.lookup(declared).name, declared))
         except (UnicodeDecodeError, LookupError):
             pass  # the header lied (common): fall through to the page's own declaration
     encoding = detect_encoding(raw, from_html_meta=True)

@@ -545,7 +545,12 @@ class PiiMasker(Mapper):
         # As Mapper.run, with the drop counted under its real reason rather than `pii.empty`.
         dropped = self.stats.dropped
         for doc in docs:
-            out = self.apply(doc)
+            try:
+                out = self.apply(doc)
+            except Exception as e:  # one bad document is a counted drop, never a dead job
+                self.stats.error(f"{self.name}.exception", id=doc.id, message=repr(e)[:300])
+                dropped[f"{self.name}.error"] += 1
+                continue
             if out is None:
                 dropped["pii.too_many"] += 1
             else:

@@ -80,7 +80,7 @@ def _build_steps(ctx: RunContext) -> tuple[Any, list[Any], list[Any]]:
     key = cfg.fingerprint() + ctx.added
     if key not in _BUILT:
         reader = WarcReader(source=cfg.source, added=ctx.added,
-                            **{k: v for k, v in cfg.read.items() if k != "cache_dir"})
+                            **{**cfg.read, "cache_dir": download_cache(cfg, Path(ctx.work))})
         steps = [build(s.name, s.params, DOC_STEPS) for s in cfg.steps]
         dedups = [build(s.name, s.params, DEDUP_STEPS) for s in cfg.dedup]
         _BUILT.clear()
@@ -119,6 +119,11 @@ def process_shard(ctx: RunContext, shard: Shard) -> dict[str, Any]:
         "seconds": round(time.perf_counter() - t0, 3),
         "steps": [read_stats.to_dict()] + [s.stats.to_dict() for s in steps],
     }
+    if read_stats.errors.get("read.unavailable"):
+        # The input could not be opened (a missing file, a failed download): no marker, so a rerun
+        # tries it again instead of taking an empty shard as done.
+        result["unavailable"] = True
+        return result
     atomic_write_text(marker, json.dumps(result))
     return result
 
@@ -213,6 +218,12 @@ def write_shard(ctx: RunContext, drops_path: str, shard: Shard) -> dict[str, Any
 # driver
 
 
+def download_cache(cfg: CurationConfig, work: Path) -> str:
+    """Where remote inputs (listings and archives alike) are downloaded: `read.cache_dir`, else
+    inside the run's work folder."""
+    return str(cfg.read.get("cache_dir") or work / "download_cache")
+
+
 def _start_or_resume(work: Path, cfg: CurationConfig, paths: list[str]) -> dict[str, Any]:
     run_file = work / RUN_FILE
     if run_file.exists():
@@ -248,15 +259,13 @@ def curate(
     from curation.report import write_report
 
     cfg = config if isinstance(config, CurationConfig) else CurationConfig.load(config)
-    if output_format:
-        cfg.output["format"] = output_format
-        cfg = CurationConfig.from_dict(cfg.to_dict())
+    if output_format:  # on a copy: the caller's config stays as it was
+        cfg = CurationConfig.from_dict({**cfg.to_dict(), "output": {**cfg.output, "format": output_format}})
     validate_buildable(cfg)
     output = Path(output)
     work = output / "_work"
     work.mkdir(parents=True, exist_ok=True)
-    cache_dir = cfg.read.get("cache_dir") or str(work / "download_cache")
-    paths = expand_inputs(inputs, cache_dir=cache_dir)
+    paths = expand_inputs(inputs, cache_dir=download_cache(cfg, work))
     run = _start_or_resume(work, cfg, paths)
     clean_tmp(output)
     ctx = RunContext(config=cfg.to_dict(), work=str(work), output=str(output), added=run["added"])
@@ -308,6 +317,8 @@ def assemble_stats(cfg: CurationConfig, shard_results: list[dict], dedup_stats: 
         "characters_written": sum(r["chars"] for r in final_results),
         "wall_seconds": round(wall, 2),
         "steps": steps,
+        # Inputs that could not be opened; a rerun of the same command retries exactly these.
+        "inputs_unavailable": [r["path"] for r in shard_results if r.get("unavailable")],
         "languages": dict(langs.most_common()),
         "shards": [{"shard": r["shard"], "path": r["path"], "rows_after_filters": r["rows"]}
                    for r in shard_results],

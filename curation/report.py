@@ -26,9 +26,13 @@ def write_report(stats: dict[str, Any], output: Path) -> Path:
         errors = ", ".join(f"{k} {v:,}" for k, v in s.get("errors", {}).items())
         lines.append(f"| {s['name']} | {s['docs_in']:,} | {s['docs_out']:,} | {kept:.1f} | {s['seconds']:.2f} "
                      f"| {drops or '-'} | {errors or '-'} |")
-    skipped = {k: v for s in stats["steps"] for k, v in s.get("counters", {}).items()}
-    if skipped:
-        lines += ["", "Records and counters: " + ", ".join(f"{k} {v:,}" for k, v in sorted(skipped.items()))]
+    counters = [(s["name"], s["counters"]) for s in stats["steps"] if s.get("counters")]
+    if counters:
+        lines += ["", "## Counters by step", ""]
+        lines += [f"- {name}: " + ", ".join(f"{k} {v:,}" for k, v in sorted(c.items())) for name, c in counters]
+    if stats.get("inputs_unavailable"):
+        lines += ["", f"**{len(stats['inputs_unavailable'])} inputs could not be opened** (rerun the same "
+                  "command to retry them): " + ", ".join(stats["inputs_unavailable"])]
     if funnel_png:
         lines += ["", f"![funnel]({funnel_png.name})"]
     lines += ["", "## Language mix of the written corpus", "", "| language | documents | share |", "|---|---:|---:|"]

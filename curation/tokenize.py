@@ -38,6 +38,7 @@ import pyarrow.parquet as pq
 
 from curation.executor import Executor, LocalExecutor
 from curation.tokenizer import TextTokenizer, load_tokenizer
+from curation.writer import atomic_write_text, tmp_path
 
 MANIFEST_FORMAT = "refinery.tokens/1"
 CORPUS_SUFFIXES = (".parquet", ".jsonl.gz", ".json.gz", ".jsonl")
@@ -55,17 +56,6 @@ def dtype_for_vocab(vocab_size: int) -> np.dtype:
     raise ValueError(f"vocab_size {vocab_size} does not fit in uint32 token shards")
 
 
-def _tmp(final: Path) -> Path:
-    return final.with_name(f".tmp-{os.getpid()}-{final.name}")
-
-
-def _atomic_write_text(final: Path, text: str) -> None:
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp(final)
-    tmp.write_text(text)
-    os.replace(tmp, final)
-
-
 def _sha1(path: Path) -> str:
     return hashlib.sha1(path.read_bytes()).hexdigest()
 
@@ -75,7 +65,7 @@ class _NpyStream:
 
     def __init__(self, final: Path, dtype: np.dtype) -> None:
         self.final = final
-        self.tmp = _tmp(final)
+        self.tmp = tmp_path(final)
         self.dtype = dtype
         self.count = 0
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -186,10 +176,21 @@ def _shard_paths(out_base: str, part: int) -> tuple[Path, Path]:
     return Path(stem + ".npy"), Path(stem + ".idx.npy")
 
 
-def _marker_valid(marker: Path, root: Path) -> dict[str, Any] | None:
-    """The marker's record if it and every shard it names are intact, else None (redo)."""
+# Task fields that change the tokens written: a marker made with other values is redone.
+_SETTINGS = ("eos_token", "add_bos", "dtype", "shard_tokens")
+
+
+def _settings(task: dict[str, Any]) -> dict[str, Any]:
+    return {k: task[k] for k in _SETTINGS}
+
+
+def _marker_valid(marker: Path, root: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The marker's record if it was made with `settings` and every shard it names is intact,
+    else None (redo)."""
     try:
         record = json.loads(marker.read_text())
+        if record.get("settings") != settings:
+            return None
         for s in record["shards"]:
             if (root / s["path"]).stat().st_size != s["nbytes"] or not (root / s["index"]).is_file():
                 return None
@@ -203,7 +204,7 @@ def tokenize_shard(task: dict[str, Any]) -> dict[str, Any]:
     root = Path(task["root"])
     marker = root / (task["out_base"] + ".done")
     if marker.is_file():
-        record = _marker_valid(marker, root)
+        record = _marker_valid(marker, root, _settings(task))
         if record is not None:
             return {**record, "status": "resumed"}
     try:
@@ -274,8 +275,8 @@ def _tokenize_input(task: dict[str, Any], root: Path, marker: Path) -> dict[str,
         if writer is not None:
             writer.abort()
         raise
-    record = {"input": task["rel"], "shards": shards, "skipped": dict(skipped)}
-    _atomic_write_text(marker, json.dumps(record))
+    record = {"input": task["rel"], "shards": shards, "skipped": dict(skipped), "settings": _settings(task)}
+    atomic_write_text(marker, json.dumps(record))
     return {**record, "status": "done"}
 
 
@@ -324,12 +325,12 @@ def tokenize_corpus(
         raise ValueError(f"{output} already holds shards made with a different tokenizer; "
                          "use a new output directory")
     if tok_copy.resolve() != tok.path.resolve():
-        shutil.copyfile(tok.path, _tmp(tok_copy))
-        os.replace(_tmp(tok_copy), tok_copy)
+        shutil.copyfile(tok.path, tmp_path(tok_copy))
+        os.replace(tmp_path(tok_copy), tok_copy)
         cfg = tok.path.with_name("tokenizer_config.json")
         if cfg.is_file():
-            shutil.copyfile(cfg, _tmp(output / cfg.name))
-            os.replace(_tmp(output / cfg.name), output / cfg.name)
+            shutil.copyfile(cfg, tmp_path(output / cfg.name))
+            os.replace(tmp_path(output / cfg.name), output / cfg.name)
 
     bases: dict[str, str] = {}
     tasks = []
@@ -371,7 +372,7 @@ def tokenize_corpus(
         "failed": failed,
     }
     manifest_path = output / "manifest.json"
-    _atomic_write_text(manifest_path, json.dumps(manifest, indent=1) + "\n")
+    atomic_write_text(manifest_path, json.dumps(manifest, indent=1) + "\n")
     seconds = time.perf_counter() - t0
     new_tokens = sum(s["tokens"] for r in results if r["status"] == "done" for s in r["shards"])
     return {

@@ -24,6 +24,8 @@ import orjson
 import pyarrow.parquet as pq
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from curation.writer import atomic_write_text, tmp_path
+
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 SPECIAL_TOKENS = (BOS, EOS, PAD, *CHAT_TOKENS)
@@ -136,7 +138,7 @@ def train_tokenizer(
         assert tok.token_to_id(name) == i, f"special token {name} did not get id {i}"
 
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".tmp-{os.getpid()}-{output.name}")
+    tmp = tmp_path(output)
     tok.save(str(tmp))
     os.replace(tmp, output)
     config = {
@@ -147,10 +149,7 @@ def train_tokenizer(
         "additional_special_tokens": list(CHAT_TOKENS),
         "clean_up_tokenization_spaces": False,
     }
-    cfg_path = output.with_name("tokenizer_config.json")
-    tmp = cfg_path.with_name(f".tmp-{os.getpid()}-{cfg_path.name}")
-    tmp.write_text(json.dumps(config, indent=2) + "\n")
-    os.replace(tmp, cfg_path)
+    atomic_write_text(output.with_name("tokenizer_config.json"), json.dumps(config, indent=2) + "\n")
     return output
 
 

@@ -103,6 +103,10 @@ def _dispatch(args: argparse.Namespace, progress: bool) -> int:
                        ray_address=args.ray_address, output_format=args.format, progress=progress)
         print(f"{stats['documents_read']:,} documents read, {stats['documents_written']:,} written to "
               f"{args.output} in {stats['wall_seconds']} s; report: {Path(args.output) / 'report.md'}")
+        if stats["inputs_unavailable"]:
+            print(f"refinery: warning: {len(stats['inputs_unavailable'])} inputs could not be opened; "
+                  "rerun the same command to retry them", file=sys.stderr)
+            return 1
         return 0
     if args.command == "tokenizer":
         from curation.tokenizer import train_tokenizer

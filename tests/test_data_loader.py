@@ -95,6 +95,18 @@ def test_repetition_cap_is_honoured_and_loader_stops_when_all_pools_are_spent(po
         next(loader)
 
 
+
+def test_fractional_cap_counts_whole_windows_despite_float_rounding(pools) -> None:
+    a, b = pools  # a: 50 windows; 0.58 * 50 is 28.999999999999996 in floats
+    loader = MixtureLoader(mix(a, b, wb=0.0, ra=0.58), seq_len=SEQ, global_batch_size=1)
+    assert sum(x.shape[0] for x, _ in loader) == 29
+
+
+def test_infinite_repetition_cap_is_a_clear_error(pools) -> None:
+    a, b = pools
+    with pytest.raises(ValueError, match="max_repetition must be a finite number"):
+        MixtureLoader(mix(a, b, ra=float("inf")), seq_len=SEQ, global_batch_size=2)
+
 def test_exhausted_pool_weight_goes_to_the_others(pools) -> None:
     a, b = pools
     loader = MixtureLoader(mix(a, b, wa=1.0, wb=1.0, rb=1.0), seq_len=SEQ, global_batch_size=10)
@@ -188,6 +200,9 @@ def test_vocab_that_does_not_fit_dtype_or_model_is_an_error(tmp_path: Path) -> N
     ok = write_pool(tmp_path / "ok", np.arange(100), vocab_size=1000)
     with pytest.raises(ValueError, match="model's vocab_size 512"):
         MixtureLoader(ok, seq_len=SEQ, global_batch_size=2, vocab_size=512)
+    # The held-out set too: otherwise an id past the embedding fails only at the first evaluation.
+    with pytest.raises(ValueError, match="model's vocab_size 512"):
+        next(eval_batches(ok, seq_len=SEQ, batch_size=2, vocab_size=512))
 
 
 def test_eval_batches_are_fixed_contiguous_windows(tmp_path: Path) -> None:

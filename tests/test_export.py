@@ -134,3 +134,15 @@ def test_bad_inputs_get_clear_errors(tmp_path: Path) -> None:
     config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "model_type": "gpt2"}))
     with pytest.raises(ValueError, match="not a Llama checkpoint"):
         import_hf(tmp_path / "gpt2ish")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, None], ids=["cast", "as-stored"])
+def test_import_builds_the_model_in_the_requested_or_stored_dtype(tmp_path: Path, dtype: torch.dtype | None) -> None:
+    model = Transformer(tiny(tie_embeddings=False))
+    export_hf(model, tmp_path, dtype=torch.bfloat16 if dtype is None else torch.float32)
+    back = import_hf(tmp_path, dtype=dtype)
+    assert {p.dtype for p in back.parameters()} == {torch.bfloat16}
+    assert torch.equal(back.lm_head.weight, model.lm_head.weight.to(torch.bfloat16))
+    assert back.rope_cos.dtype == torch.float32  # rotary tables stay float32, cast per use
+    tied = import_hf(export_hf(Transformer(tiny()), tmp_path / "tied"), dtype=dtype)
+    assert tied.lm_head.weight is tied.embed_tokens.weight

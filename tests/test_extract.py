@@ -67,6 +67,14 @@ def test_wrong_declared_charset_falls_back_to_the_page_declaration() -> None:
     assert text in decode_html(raw, "utf-8")  # cp1252 umlauts are invalid UTF-8
 
 
+def test_declared_latin1_decodes_as_windows_1252_like_browsers() -> None:
+    # WHATWG maps the iso-8859-1 / us-ascii labels to windows-1252: 0x93 / 0x94 are curly quotes,
+    # not C1 control characters.
+    raw = b"<html><body><p>He said \x93caf\xe9\x94 \x96 twice.</p></body></html>"
+    for label in ("ISO-8859-1", "latin1", "iso8859-1"):
+        assert "He said \u201ccaf\u00e9\u201d \u2013 twice." in decode_html(raw, label)
+
+
 def test_byte_order_mark_beats_every_declaration() -> None:
     raw = "\ufeff<html><head><meta charset='iso-8859-1'></head><body>Grüße</body></html>".encode("utf-8")
     assert decode_html(raw, "iso-8859-1").startswith("<html>") and "Grüße" in decode_html(raw, "iso-8859-1")

@@ -374,3 +374,22 @@ def test_line_modifiers_drop_document_left_empty() -> None:
 def test_line_modifiers_reject_unknown_substring_location() -> None:
     with pytest.raises(ValueError, match="location"):
         LineModifiers(substrings=[("x", "middle")])
+
+
+@pytest.mark.parametrize("make, method", [(C4Filter, "clean"), (LineModifiers, "modify")])
+def test_line_rule_failure_on_one_document_is_a_counted_drop_not_a_dead_job(
+    make: type, method: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    step = make()
+    real = getattr(step, method)
+
+    def flaky(d: Document):  # type: ignore[no-untyped-def]
+        if d.id == "bad":
+            raise RuntimeError("rule bug")
+        return real(d)
+
+    monkeypatch.setattr(step, method, flaky)
+    docs = [Document(id=i, text=PROSE_LINES, source="test") for i in ("a", "bad", "c")]
+    out = list(step(docs))
+    assert [d.id for d in out] == ["a", "c"]
+    assert step.stats.dropped[f"{step.name}.error"] == 1 and step.stats.errors[f"{step.name}.exception"] == 1

@@ -46,6 +46,12 @@ def test_drops_listed_registered_domain_and_any_host_under_it(small: UrlFilter) 
     assert decide(small, "https://shop.badsite.com/page") == "url.domain"
 
 
+def test_listed_domain_matches_whatever_the_case_of_the_host(small: UrlFilter) -> None:
+    # Host names are case-insensitive; the lists are lower-case.
+    assert decide(small, "http://BadSite.COM/page") == "url.domain"
+    assert decide(small, "https://Blog.Mixed.org/post/1") == "url.subdomain"
+
+
 def test_drops_listed_host_but_not_its_siblings(small: UrlFilter) -> None:
     assert decide(small, "https://blog.mixed.org/post/1") == "url.subdomain"
     assert decide(small, "https://www.mixed.org/post/1") is None

@@ -75,6 +75,18 @@ def test_generation_stops_at_eos_and_keeps_it() -> None:
     assert cut == reference[: reference.index(eos) + 1]
 
 
+
+def test_any_of_several_eos_ids_stops_generation_as_in_llama3_configs() -> None:
+    # HF configs may give `eos_token_id` as a list (Llama 3 instruct: end_of_text, eom, eot).
+    model = model_for_test()
+    prompts = [[3, 4, 5], [9, 1]]
+    reference = generate(model, prompts, 10, greedy=True)
+    stops = [reference[0][4], reference[1][1]]
+    cut = generate(model, prompts, 10, greedy=True, eos_id=stops)
+    for ref, row in zip(reference, cut, strict=True):
+        first = min(i for i, tok in enumerate(ref) if tok in stops)
+        assert row == ref[: first + 1]
+
 def test_sampling_is_reproducible_from_a_seed_and_varies_across_seeds() -> None:
     model = model_for_test()
     prompts = [[7, 7, 7]] * 2

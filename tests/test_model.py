@@ -52,7 +52,8 @@ def test_config_round_trips_through_dict() -> None:
     [({"n_heads": 5}, "multiple of n_heads"), ({"n_kv_heads": 3}, "multiple of n_kv_heads"),
      ({"dim": 36, "n_heads": 12, "n_kv_heads": 4}, "even"), ({"vocab_size": 0}, "positive int"),
      ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "rope_type"),
-     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "missing keys")],
+     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "missing keys"),
+     ({"rope_scaling": {"rope_type": "linear", "factor": 4.0, "rope_theta": 40000.0}}, "set rope_theta instead")],
 )
 def test_invalid_configs_are_rejected_with_a_reason(overrides: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):

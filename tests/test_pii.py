@@ -235,3 +235,19 @@ def test_fast_engine_agrees_with_presidio_on_real_web_text(shared_data: Path) ->
             ), value
             presidio_only_phones += 1
     assert both >= 25 and presidio_only_phones >= 1
+
+
+def test_detector_failure_on_one_document_is_a_counted_drop_not_a_dead_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    masker = PiiMasker()
+    real = masker.detector.detect
+
+    def flaky(text: str) -> list[Span]:
+        if "boom" in text:
+            raise RuntimeError("detector bug")
+        return real(text)
+
+    monkeypatch.setattr(masker.detector, "detect", flaky)
+    docs = [_doc("mail me at a@example.com", 0), _doc("boom", 1), _doc("plain text", 2)]
+    out = list(masker(docs))
+    assert [d.id for d in out] == ["d0", "d2"]
+    assert masker.stats.dropped["pii.error"] == 1 and masker.stats.errors["pii.exception"] == 1

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from curation.config import CurationConfig
-from curation.pipeline import curate
+from curation.pipeline import RunContext, Shard, curate, process_shard
 from curation.registry import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -127,3 +127,38 @@ def test_killed_run_resumes_without_loss_or_duplicates(
     assert done.returncode == 0, done.stderr[-2000:]
     strip = [{k: v for k, v in r.items() if k != "added"} for r in _corpus(out)]
     assert [{k: v for k, v in r.items() if k != "added"} for r in _corpus(tmp_path)] == strip
+
+
+def test_remote_inputs_are_cached_in_the_configured_cache_dir(
+    shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import curation.read.inputs as inputs
+
+    default_cache = tmp_path / "default_cache"
+    monkeypatch.setattr(inputs, "DEFAULT_CACHE_DIR", default_cache)
+    page = _pages(shared_data, 1)[0]
+    url = Path(page).as_uri()  # file:// goes through the download cache like https://
+    cache = tmp_path / "cache"
+    cfg = CurationConfig.from_dict({"read": {"cache_dir": str(cache)}, "steps": [{"extract": {}}]})
+    stats = curate(cfg, [url], tmp_path / "out", progress=False)
+    assert stats["documents_written"] > 0
+    assert inputs.cache_path(url, cache).is_file()
+    assert not default_cache.exists()
+
+
+def test_an_input_that_cannot_be_opened_is_retried_by_the_rerun(shared_data: Path, tmp_path: Path) -> None:
+    cfg = CurationConfig.from_dict({"steps": [{"extract": {}}]})
+    ctx = RunContext(config=cfg.to_dict(), work=str(tmp_path / "_work"), output=str(tmp_path), added="t")
+    # The input vanished between expansion and its task (a failed download, an unmounted disk).
+    gone = Shard("00000-gone", str(tmp_path / "gone.warc.gz"))
+    result = process_shard(ctx, gone)
+    assert result["unavailable"] and result["steps"][0]["errors"] == {"read.unavailable": 1}
+    assert not (tmp_path / "_work" / "stage1" / "00000-gone.done.json").exists()  # so a rerun retries it
+    done = process_shard(ctx, Shard("00001-page", _pages(shared_data, 1)[0]))
+    assert "unavailable" not in done and done["rows"] > 0
+    assert (tmp_path / "_work" / "stage1" / "00001-page.done.json").exists()
+
+
+def test_dedup_steps_with_different_survivor_rules_are_refused() -> None:
+    with pytest.raises(ConfigError, match="survivor"):
+        CurationConfig.from_dict({"dedup": [{"dedup_exact": {"survivor": "latest"}}, {"dedup_minhash": {}}]})

@@ -159,8 +159,9 @@ def test_unreadable_input_is_a_counted_error_not_an_exception(tmp_path: Path) ->
     (tmp_path / "junk.warc.gz").write_bytes(gzip.compress(b"<html>not an archive</html>"))
     assert list(reader.read(str(tmp_path / "junk.warc.gz"))) == []
     assert list(reader.read(str(tmp_path / "absent.warc.gz"))) == []
-    assert reader.stats.errors["read.malformed"] == 2
-    assert [s["offset"] for s in reader.stats.samples] == [0, 0]
+    # Junk is malformed (offset 0); a missing file is unavailable, which a rerun retries.
+    assert reader.stats.errors == {"read.malformed": 1, "read.unavailable": 1}
+    assert reader.stats.samples[0]["offset"] == 0 and reader.stats.samples[1]["kind"] == "read.unavailable"
 
 
 # -- real archives ------------------------------------------------------------------------------
@@ -331,3 +332,34 @@ def test_reading_continues_with_the_next_file_after_a_malformed_one(shared_data:
              shared_data / "warc" / "commoncrawl" / "resiliparse_CC-MAIN-2020-34_warcfile.warc.gz"]
     docs = [d for p in paths for d in reader.read(str(p))]
     assert len(docs) == 16 and reader.stats.errors["read.malformed"] == 1
+
+
+def test_corrupt_brotli_payload_is_a_counted_skip_and_reading_continues(tmp_path: Path) -> None:
+    import brotli
+
+    path = tmp_path / "br.warc"
+    records = [
+        ("response", "http://a.example/bad-br", b"not brotli at all \x00\xff" * 4, "200 OK",
+         [("Content-Type", "text/html"), ("Content-Encoding", "br")]),
+        ("response", "http://a.example/good-br", brotli.compress(HTML), "200 OK",
+         [("Content-Type", "text/html"), ("Content-Encoding", "br")]),
+        MIXED[0],
+    ]
+    path.write_bytes(_build(records, per_record_gzip=False))
+    reader = WarcReader()
+    docs = list(reader.read(str(path)))
+    assert [d.metadata["url"] for d in docs] == ["http://a.example/good-br", "http://a.example/"]
+    assert docs[0].raw == HTML
+    assert reader.stats.counters["skipped.bad_encoding"] == 1 and not reader.stats.errors
+
+
+def test_brotli_payload_over_the_limit_is_skipped(tmp_path: Path) -> None:
+    import brotli
+
+    path = tmp_path / "bomb.warc"
+    body = brotli.compress(b"<html>" + b"x" * 50_000 + b"</html>")
+    path.write_bytes(_build([("response", "http://a.example/bomb", body, "200 OK",
+                              [("Content-Type", "text/html"), ("Content-Encoding", "br")])], False))
+    reader = WarcReader(max_payload_bytes=10_000)
+    assert list(reader.read(str(path))) == []
+    assert reader.stats.counters["skipped.bad_encoding"] == 1

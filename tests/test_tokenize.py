@@ -239,3 +239,30 @@ def test_output_made_with_another_tokenizer_is_refused(corpus, tokenizer, tmp_pa
     other = _big_vocab_tokenizer(tmp_path / "other.json", 10)
     with pytest.raises(ValueError, match="different tokenizer"):
         tokenize_corpus(root, other, tmp_path / "out", executor=LocalExecutor(progress=False))
+
+
+def test_rerun_with_other_bos_or_eos_settings_redoes_finished_inputs(tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    pq.write_table(pa.table({"id": ["a", "b"], "text": ["hi there", "there"]}), corpus / "p.parquet")
+    vocab = {"[CLS]": 0, "[SEP]": 1, "<s>": 2, "hi": 3, "there": 4, "[UNK]": 5}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(["[CLS]", "[SEP]", "<s>"])
+    tok.save(str(tmp_path / "tokenizer.json"))
+    out = tmp_path / "out"
+    ex = LocalExecutor(progress=False)
+    tokenize_corpus(corpus, tmp_path / "tokenizer.json", out, eos_token="[SEP]", executor=ex)
+    assert np.load(out / "p.npy").tolist() == [3, 4, 1, 4, 1]
+    # Same output folder, now with BOS: the finished input must not be resumed without it.
+    summary = tokenize_corpus(corpus, tmp_path / "tokenizer.json", out, eos_token="[SEP]", add_bos=True,
+                              executor=ex)
+    assert (summary["inputs_done"], summary["inputs_resumed"]) == (1, 0)
+    assert np.load(out / "p.npy").tolist() == [2, 3, 4, 1, 2, 4, 1]
+    summary = tokenize_corpus(corpus, tmp_path / "tokenizer.json", out, eos_token="[CLS]", add_bos=True,
+                              executor=ex)
+    assert summary["inputs_done"] == 1
+    assert np.load(out / "p.npy").tolist() == [2, 3, 4, 0, 2, 4, 0]
+    again = tokenize_corpus(corpus, tmp_path / "tokenizer.json", out, eos_token="[CLS]", add_bos=True,
+                            executor=ex)
+    assert (again["inputs_done"], again["inputs_resumed"]) == (0, 1)

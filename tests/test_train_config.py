@@ -67,6 +67,8 @@ def test_override_strings_are_coerced_to_the_field_types() -> None:
     ("optim.betas=0.9", "optim.betas must be a list of 2 values"),
     ("train.steps", "must look like section.key=value"),
     ("train.steps=0", "train.steps must be > 0"),
+    ("train.eval_batch_size=-4", "train.eval_batch_size must be > 0 or null"),
+    ("train.stop_after=0", "train.stop_after must be > 0 or null"),
     ("train.steps=50", r"optim.warmup=100 leaves no decay in train.steps=50"),
 ])
 def test_invalid_override_values_are_errors(override: str, message: str) -> None:

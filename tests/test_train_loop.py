@@ -58,6 +58,8 @@ def test_pretraining_on_real_text_falls_below_the_unigram_baseline(shakespeare_t
     # The final export is a Hugging Face Llama folder with the data's tokenizer.
     hf = json.loads((out / "hf" / "config.json").read_text())
     assert hf["architectures"] == ["LlamaForCausalLM"] and hf["vocab_size"] == 512
+    train_manifest = json.loads((shakespeare_tokens["train"] / "manifest.json").read_text())
+    assert hf["eos_token_id"] == train_manifest["eos_id"] is not None  # HF generate stops at EOS
     assert (out / "hf" / "tokenizer.json").is_file()
 
 

@@ -97,3 +97,59 @@ def test_starting_over_in_a_used_out_dir_is_an_error(shakespeare_tokens: dict[st
     train(load_config(None, _overrides(shakespeare_tokens, out, "train.steps=1", "optim.warmup=0", "data.eval=none")))
     with pytest.raises(ConfigError, match="holds checkpoints of an earlier run and train.resume=false"):
         train(load_config(None, _overrides(shakespeare_tokens, out, "train.resume=false", "data.eval=none")))
+
+
+_TWO_RANK_LOAD = """
+import sys
+import torch
+import torch.distributed as dist
+from training.checkpoint import CheckpointError, load_checkpoint
+from training.distributed import cleanup, init_distributed
+from training.model import ModelConfig, Transformer
+
+info = init_distributed("cpu")
+model = Transformer(ModelConfig(vocab_size=11, dim=8, n_layers=1, n_heads=2, n_kv_heads=1, ffn_hidden=16))
+optimizer = torch.optim.AdamW(model.parameters())
+try:
+    load_checkpoint(__import__("pathlib").Path(sys.argv[1]) if info.is_main else None, model, optimizer, info)
+except CheckpointError as e:
+    print(f"rank {info.rank}: {e}", flush=True)
+cleanup(info)
+"""
+
+
+def _tiny_checkpoint(root: Path) -> Path:
+    from training.checkpoint import save_checkpoint
+    from training.distributed import DistInfo
+    from training.model import ModelConfig, Transformer
+
+    cfg = ModelConfig(vocab_size=11, dim=8, n_layers=1, n_heads=2, n_kv_heads=1, ffn_hidden=16)
+    model = Transformer(cfg)
+    optimizer = torch.optim.AdamW(model.parameters())
+    path = save_checkpoint(root, 1, model, optimizer, info=DistInfo(), model_config=cfg.to_dict(), config={},
+                           data_state={}, tokens=0, keep=1)
+    assert path is not None
+    state = path / "train_state.pt"
+    state.write_bytes(state.read_bytes()[:100])  # cut short, as by a full disk
+    return path
+
+
+def test_a_truncated_train_state_is_a_clear_error_on_every_rank(tmp_path: Path) -> None:
+    from training.checkpoint import load_checkpoint
+    from training.distributed import DistInfo
+    from training.model import ModelConfig, Transformer
+
+    ckpt = _tiny_checkpoint(tmp_path / "checkpoints")
+    model = Transformer(ModelConfig(vocab_size=11, dim=8, n_layers=1, n_heads=2, n_kv_heads=1, ffn_hidden=16))
+    with pytest.raises(CheckpointError, match="cannot read .*train_state.pt"):
+        load_checkpoint(ckpt, model, torch.optim.AdamW(model.parameters()), DistInfo())
+    # Two ranks: rank 0's read fails; rank 1 must get the error too instead of waiting in a broadcast.
+    script = tmp_path / "load.py"
+    script.write_text(_TWO_RANK_LOAD)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           str(ckpt)]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rank 0: cannot read" in proc.stdout and "rank 1: cannot read" in proc.stdout

@@ -191,16 +191,27 @@ def load_checkpoint(ckpt_dir: Path | None, model: nn.Module, optimizer: torch.op
     """Collective resume: model, optimizer and this rank's RNG; returns
     ``{"step", "tokens", "data": this rank's loader state}``. ``ckpt_dir`` matters on rank 0 only."""
     model_file = state = None
+    error: Exception | None = None
     if info.is_main:
         assert ckpt_dir is not None
-        model_file = load_model_file(ckpt_dir)
-        # Our own file, written by save_checkpoint: it holds RNG tuples and loader states that
-        # weights_only cannot represent.
-        state = torch.load(ckpt_dir / STATE_FILE, map_location="cpu", weights_only=False)
-        if state["world_size"] != info.world_size and len({repr(s) for s in state["data"]}) > 1:
-            raise CheckpointError(f"{ckpt_dir} was written by {state['world_size']} ranks with per-rank "
-                                  f"data positions; resume it with the same number of ranks, not "
-                                  f"{info.world_size}")
+        try:
+            model_file = load_model_file(ckpt_dir)
+            # Our own file, written by save_checkpoint: it holds RNG tuples and loader states that
+            # weights_only cannot represent.
+            try:
+                state = torch.load(ckpt_dir / STATE_FILE, map_location="cpu", weights_only=False)
+            except Exception as e:  # truncated or foreign file: say which
+                raise CheckpointError(f"cannot read {ckpt_dir / STATE_FILE}: {e}") from e
+            if state["world_size"] != info.world_size and len({repr(s) for s in state["data"]}) > 1:
+                raise CheckpointError(f"{ckpt_dir} was written by {state['world_size']} ranks with per-rank "
+                                      f"data positions; resume it with the same number of ranks, not "
+                                      f"{info.world_size}")
+        except Exception as e:
+            error = e
+    # Raised on every rank: the others would otherwise wait forever in the broadcasts below.
+    error = broadcast_object(error, info)
+    if error is not None:
+        raise error
     load_model_weights(model, model_file["model"] if model_file else None, info)
     if info.distributed:
         opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)

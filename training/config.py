@@ -128,6 +128,11 @@ class TrainConfig:
                            "train.checkpoint_every": t.checkpoint_every}.items():
             if value < 0:
                 raise ConfigError(f"{key} must be >= 0, got {value}")
+        for key, opt in {"train.eval_batch_size": t.eval_batch_size, "data.eval_seq_len": d.eval_seq_len,
+                         "train.stop_after": t.stop_after}.items():
+            # A negative eval batch size would silently yield no evaluation batches at all.
+            if opt is not None and opt <= 0:
+                raise ConfigError(f"{key} must be > 0 or null, got {opt}")
         if o.warmup >= t.steps and o.schedule != "constant":
             raise ConfigError(f"optim.warmup={o.warmup} leaves no decay in train.steps={t.steps}; lower "
                               f"optim.warmup or raise train.steps")

@@ -197,8 +197,9 @@ def load_mix(mix: str | Path | dict[str, Any]) -> tuple[list[PoolSpec], int | No
         rep = p.get("max_repetition")
         if weight < 0 or not math.isfinite(weight):
             raise ValueError(f"pool {i}: weight must be a finite number >= 0, got {weight}")
-        if rep is not None and not float(rep) > 0:
-            raise ValueError(f"pool {i}: max_repetition must be > 0 or null, got {rep}")
+        if rep is not None and not (math.isfinite(float(rep)) and float(rep) > 0):
+            raise ValueError(f"pool {i}: max_repetition must be a finite number > 0 or null (unlimited), "
+                             f"got {rep}")
         pools.append(PoolSpec(name=str(p.get("name", manifest.parent.name)), manifest=manifest,
                               weight=weight, max_repetition=None if rep is None else float(rep)))
     names = [p.name for p in pools]
@@ -255,7 +256,8 @@ class MixtureLoader:
                 raise ValueError(f"pool {sp.name} has {len(sh)} tokens, fewer than seq_len + 1 = {seq_len + 1}")
         self.weights = np.array([s.weight for s in specs], dtype=np.float64)
         self.windows = [(len(sh) - 1) // seq_len for sh in self.shards]
-        self.limits = [None if s.max_repetition is None else math.floor(s.max_repetition * n)
+        # Rounded before the floor: 0.58 epochs of 50 windows is 28.999999999999996 in floats, not 28.
+        self.limits = [None if s.max_repetition is None else math.floor(round(s.max_repetition * n, 6))
                        for s, n in zip(specs, self.windows, strict=True)]
         self.step = 0
         self.consumed = [0] * len(specs)
@@ -336,14 +338,19 @@ class MixtureLoader:
 
 
 def eval_batches(
-    manifest: str | Path, seq_len: int, batch_size: int, max_batches: int | None = None
+    manifest: str | Path, seq_len: int, batch_size: int, max_batches: int | None = None,
+    vocab_size: int | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Fixed held-out batches: contiguous windows from the start of the stream, in order.
 
     The same manifest always gives the same batches, so evaluations are comparable across steps
-    and runs. The last batch may be smaller than `batch_size`.
+    and runs. The last batch may be smaller than `batch_size`. `vocab_size`, if given (the model's),
+    is checked as in `MixtureLoader`.
     """
     shards = TokenShards(manifest)
+    if vocab_size is not None and shards.vocab_size > vocab_size:
+        raise ValueError(f"{shards.path} has token ids up to {shards.vocab_size - 1}, beyond the model's "
+                         f"vocab_size {vocab_size}")
     n = (len(shards) - 1) // seq_len
     if n < 1:
         raise ValueError(f"{shards.path} has {len(shards)} tokens, fewer than seq_len + 1 = {seq_len + 1}")

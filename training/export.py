@@ -247,8 +247,10 @@ def import_hf(hf_dir: str | os.PathLike[str], dtype: torch.dtype | None = torch.
     with torch.device("meta"):
         model = Transformer(cfg)
     model.to_empty(device="cpu")
-    model.tie_weights()  # to_empty unties a shared head
-    model.load_state_dict(state, strict=True)
+    # assign: the parameters take the tensors' dtype (`dtype`, or as stored when None); copying into
+    # the float32 parameters of a fresh model would silently ignore `dtype`.
+    model.load_state_dict(state, strict=True, assign=True)
+    model.tie_weights()  # to_empty and assign each untie a shared head
     model.reset_rope_tables()
     return model
 

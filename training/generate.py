@@ -114,12 +114,13 @@ def generate(
     temperature: float = 1.0,
     top_p: float = 1.0,
     greedy: bool = False,
-    eos_id: int | None = None,
+    eos_id: int | Sequence[int] | None = None,
     seed: int | None = None,
     pad_id: int = 0,
 ) -> list[list[int]]:
     """Continue each prompt by up to `max_new_tokens` tokens; returns only the new tokens per prompt,
-    cut after the first `eos_id` (included). `temperature == 0` means greedy.
+    cut after the first `eos_id` (included; several ids, as HF's `eos_token_id` list of Llama 3
+    instruct models, each stop). `temperature == 0` means greedy.
 
     Lists of different lengths are left-padded with `pad_id` (masked, so its value does not matter);
     a LongTensor [B, T] is taken as equal-length prompts without padding.
@@ -131,6 +132,7 @@ def generate(
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     greedy = greedy or temperature == 0
+    eos_ids = _eos_set(eos_id)
     device = model.embed_tokens.weight.device
     ids, valid = _left_pad(prompt_ids, pad_id, device)
     bsz, prompt_len = ids.shape
@@ -154,6 +156,7 @@ def generate(
     try:
         out = torch.empty((bsz, max_new_tokens), dtype=torch.long, device=device)
         finished = torch.zeros(bsz, dtype=torch.bool, device=device)
+        eos_t = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
         logits = model(ids, 0, cache)[:, -1]
         pos = prompt_len
         steps = 0
@@ -164,8 +167,8 @@ def generate(
                 nxt = sample_next(logits, temperature, top_p, generator)
             out[:, step] = nxt
             steps = step + 1
-            if eos_id is not None:
-                finished |= nxt == eos_id
+            if eos_ids:
+                finished |= torch.isin(nxt, eos_t)
                 if bool(finished.all()):
                     break
             if step + 1 < max_new_tokens:
@@ -176,10 +179,17 @@ def generate(
 
     results: list[list[int]] = []
     for row in out[:, :steps].tolist():
-        if eos_id is not None and eos_id in row:
-            row = row[: row.index(eos_id) + 1]
+        cut = next((i for i, tok in enumerate(row) if tok in eos_ids), None)
+        if cut is not None:
+            row = row[: cut + 1]
         results.append(row)
     return results
+
+
+def _eos_set(eos_id: int | Sequence[int] | None) -> set[int]:
+    if eos_id is None:
+        return set()
+    return {int(eos_id)} if isinstance(eos_id, int) else {int(e) for e in eos_id}
 
 
 # Common names of the end-of-sequence token: ours, Llama 3, GPT-2/NeoX/OLMo, Llama 2.
@@ -207,7 +217,9 @@ def generate_text(model_path: str, prompt: str, tokenizer_path: str | None = Non
         model = load_transformer(path)
         hf_cfg = {}
         path = resolve_checkpoint(path)
-    candidates = [tokenizer_path] if tokenizer_path else [path / "tokenizer.json", path.parent / "tokenizer.json"]
+    # Beside the weights, beside the step dirs, or in a run's own HF export.
+    candidates = [tokenizer_path] if tokenizer_path else [
+        path / "tokenizer.json", path.parent / "tokenizer.json", path.parent.parent / "hf" / "tokenizer.json"]
     tok_file = next((Path(c) for c in candidates if c and Path(c).is_file()), None)
     if tok_file is None:
         raise FileNotFoundError(f"no tokenizer.json beside {model_path}; pass --tokenizer")
@@ -219,6 +231,6 @@ def generate_text(model_path: str, prompt: str, tokenizer_path: str | None = Non
     ids = tok.encode(prompt).ids
     out = generate(model, [ids], max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                    greedy=greedy, eos_id=eos_id, seed=seed)[0]
-    if eos_id is not None and out and out[-1] == eos_id:
+    if out and out[-1] in _eos_set(eos_id):
         out = out[:-1]
     return prompt + tok.decode(out)

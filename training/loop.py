@@ -194,14 +194,15 @@ def _full_state(model: nn.Module, info: DistInfo) -> dict[str, torch.Tensor]:
 
 
 def _export(model: nn.Module, mcfg: ModelConfig, out_dir: Path, tokenizer: Path | None,
-            info: DistInfo) -> str | None:
-    """HF export of the final weights (collective gather, rank 0 writes)."""
+            info: DistInfo, special_ids: dict[str, int | None]) -> str | None:
+    """HF export of the final weights (collective gather, rank 0 writes). `special_ids` (bos_id,
+    eos_id, pad_id of the data's tokenizer) go into config.json, so HF's `generate` stops at EOS."""
     from training.export import export_hf
 
     state = _full_state(model, info)
     if not info.is_main:
         return None
-    export_hf((state, mcfg), out_dir / "hf", tokenizer_path=tokenizer)
+    export_hf((state, mcfg), out_dir / "hf", tokenizer_path=tokenizer, **special_ids)
     return str(out_dir / "hf")
 
 
@@ -302,7 +303,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     if d.eval:
         eval_batches = list(data_mod.eval_batches(d.eval, seq_len=eval_seq_len,
                                                   batch_size=t.eval_batch_size or t.batch_size,
-                                                  max_batches=t.eval_batches))
+                                                  max_batches=t.eval_batches, vocab_size=mcfg.vocab_size))
         eval_bytes_per_token = data_mod.bytes_per_token(d.eval)
 
     def run_eval() -> dict[str, float | None]:
@@ -409,7 +410,9 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     finished = end_step >= t.steps
     hf_dir = None
     if finished and t.export_hf:
-        hf_dir = _export(model, mcfg, out_dir, tokenizer, info)
+        manifest = loader.shards[0].manifest
+        special_ids = {k: manifest.get(k) for k in ("bos_id", "eos_id", "pad_id")}
+        hf_dir = _export(model, mcfg, out_dir, tokenizer, info, special_ids)
     summary = {"stage": cfg.stage, "start_step": start_step, "step": end_step, "finished": finished,
                "loss": last_loss, "losses": losses, "tokens": tokens, "params": n_params,
                "checkpoint": last_ckpt, "hf_dir": hf_dir, "out_dir": str(out_dir),

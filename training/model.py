@@ -97,6 +97,11 @@ class ModelConfig:
                 raise ValueError(
                     f"rope_scaling {rope_type}: missing keys {sorted(missing)}, unknown keys {sorted(unknown)}"
                 )
+            # Accepted so that HF's `rope_parameters` dict can be pasted, but it is dropped below: a
+            # value that differs from `rope_theta` would be silently ignored.
+            if "rope_theta" in scaling and float(scaling["rope_theta"]) != float(self.rope_theta):
+                raise ValueError(f"rope_scaling rope_theta {scaling['rope_theta']} differs from rope_theta "
+                                 f"{self.rope_theta}; set rope_theta instead")
             self.rope_scaling = {"rope_type": rope_type, **{k: scaling[k] for k in _ROPE_TYPES[rope_type]}}
 
     @property

@@ -10,7 +10,6 @@ temporary name and renamed, so a retried task (Ray retries) never leaves a half-
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -23,6 +22,7 @@ import pyarrow.parquet as pq
 from curation.document import Document
 from curation.executor import Executor
 from curation.step import Step
+from curation.writer import write_parquet_table as write_table_atomic
 
 SURVIVOR_RULES = ("earliest", "latest")
 
@@ -114,13 +114,6 @@ def read_rows(path: str, rows: np.ndarray, columns: Sequence[str]) -> pa.Table:
     base = np.zeros(len(sizes), dtype=np.int64)
     base[needed] = np.concatenate([[0], np.cumsum(sizes[needed])[:-1]])
     return table.take(pa.array(rows - starts[groups] + base[groups]))
-
-
-def write_table_atomic(table: pa.Table, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
 
 
 def write_partitioned(table: pa.Table, part: np.ndarray, partitions: int, root: Path, shard_index: int) -> None:

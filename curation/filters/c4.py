@@ -165,8 +165,13 @@ class C4Filter(Filter):
     def run(self, docs: Iterable[Document]) -> Iterator[Document]:
         dropped = self.stats.dropped
         for doc in docs:
-            text = self.clean(doc)
-            reason = self.reject(doc)
+            try:
+                text = self.clean(doc)
+                reason = self.reject(doc)
+            except Exception as e:  # one bad document is a counted drop, never a dead job
+                self.stats.error(f"{self.name}.exception", id=doc.id, message=repr(e)[:300])
+                dropped[f"{self.name}.error"] += 1
+                continue
             if reason is None:
                 doc.text = text
                 yield doc

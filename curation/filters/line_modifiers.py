@@ -202,7 +202,12 @@ class LineModifiers(Mapper):
     def run(self, docs: Iterable[Document]) -> Iterator[Document]:
         dropped = self.stats.dropped
         for doc in docs:
-            out = self.apply(doc)
+            try:
+                out = self.apply(doc)
+            except Exception as e:  # one bad document is a counted drop, never a dead job
+                self.stats.error(f"{self.name}.exception", id=doc.id, message=repr(e)[:300])
+                dropped[f"{self.name}.error"] += 1
+                continue
             if out is not None:
                 yield out
             elif doc.attributes.get("line_modifiers.too_many_words_removed"):

@@ -6,7 +6,8 @@ the banned / soft-banned word and subword lists FineWeb used. A document is drop
 this order (datatrove's reasons):
 
 - `domain`: its registered domain (bbc.co.uk) is listed;
-- `subdomain`: its full host name (news.bbc.co.uk) is listed;
+- `subdomain`: its full host name (news.bbc.co.uk) is listed (both lower-cased first: host names
+  are case-insensitive, datatrove compares them as written);
 - `url`: the URL itself is listed (UT1 lists URLs without a scheme, so we also try that form:
   datatrove compares only the raw URL, which never matches a URL that has a scheme);
 - `hard_blacklisted`: a banned word is one of the URL's alphanumeric runs;
@@ -177,9 +178,11 @@ class UrlFilter(Filter):
         if registered is None:  # tldextract < 5.3
             registered = info.registered_domain
         listed = ""
-        if self._domain_listed(registered):
+        # Host names are case-insensitive and the lists lower-case (datatrove compares as given,
+        # so "BadSite.COM" slipped through).
+        if self._domain_listed(registered.lower()):
             listed = "domain"
-        elif self._domain_listed(info.fqdn):
+        elif self._domain_listed(info.fqdn.lower()):
             listed = "subdomain"
         elif url in self.blocked_urls or url in self.extra_urls:
             listed = "url"

@@ -85,7 +85,12 @@ class WarcReader:
         cursor = _Cursor()
         t0 = time.perf_counter()
         try:
-            with open_input(path, self.cache_dir) as raw:
+            raw_file = open_input(path, self.cache_dir)
+        except Exception as e:  # noqa: BLE001 - missing file, failed download: retried on a rerun
+            stats.error("read.unavailable", file=str(path), message=f"{type(e).__name__}: {e}")
+            return
+        try:
+            with raw_file as raw:
                 stream, fmt = _prepare(raw)
                 records = self._warc(stream, fname, cursor) if fmt == "warc" else self._arc(stream, fname, cursor)
                 for doc in records:
@@ -419,9 +424,7 @@ def decode_http_payload(body: bytes, transfer: str | None, content: str | None, 
                 except zlib.error:  # servers often send raw deflate without the zlib header
                     body = _inflate(body, -15, limit)
             elif coding == "br":
-                import brotli  # type: ignore[import-not-found]
-
-                body = brotli.decompress(body)
+                body = _unbrotli(body, limit)
             elif coding != "identity":
                 raise ValueError(f"unsupported Content-Encoding {coding!r}")
     return body
@@ -430,6 +433,20 @@ def decode_http_payload(body: bytes, transfer: str | None, content: str | None, 
 def _inflate(data: bytes, wbits: int, limit: int) -> bytes:
     d = zlib.decompressobj(wbits=wbits)
     out = d.decompress(data, limit + 1)
+    if len(out) > limit:
+        raise ValueError(f"decoded payload exceeds {limit} bytes")
+    return out
+
+
+def _unbrotli(data: bytes, limit: int) -> bytes:
+    import brotli  # type: ignore[import-not-found]
+
+    # brotli.error derives from Exception only: as ValueError it is a counted skip of this
+    # record, not a fault that ends the file. The output cap bounds a decompression bomb.
+    try:
+        out = brotli.Decompressor().process(data, output_buffer_limit=limit + 1)
+    except brotli.error as e:
+        raise ValueError(f"bad brotli payload: {e}") from e
     if len(out) > limit:
         raise ValueError(f"decoded payload exceeds {limit} bytes")
     return out
