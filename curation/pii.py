@@ -24,7 +24,7 @@ from __future__ import annotations
 import bisect
 import ipaddress
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from typing import Any, ClassVar, NamedTuple, Protocol
 
@@ -522,7 +522,7 @@ class PiiMasker(Mapper):
         self.placeholder = placeholder
         self.engine = engine
 
-    def apply(self, doc: Document) -> Document | None:
+    def apply(self, doc: Document) -> Document | str | None:
         text = doc.text
         if not isinstance(text, str):
             self.stats.error("pii.bad_text", id=doc.id, type=type(text).__name__)
@@ -535,23 +535,9 @@ class PiiMasker(Mapper):
             doc.attributes[f"pii.{SHORT[kind]}"] = c
         doc.attributes["pii.total"] = len(spans)
         if len(spans) > self.max_matches:
-            return None
+            return "pii.too_many"
         if spans:
             doc.text = mask(text, spans, self.placeholder)
             self.stats.counters["pii.replaced"] += len(spans)
         return doc
 
-    def run(self, docs: Iterable[Document]) -> Iterator[Document]:
-        # As Mapper.run, with the drop counted under its real reason rather than `pii.empty`.
-        dropped = self.stats.dropped
-        for doc in docs:
-            try:
-                out = self.apply(doc)
-            except Exception as e:  # one bad document is a counted drop, never a dead job
-                self.stats.error(f"{self.name}.exception", id=doc.id, message=repr(e)[:300])
-                dropped[f"{self.name}.error"] += 1
-                continue
-            if out is None:
-                dropped["pii.too_many"] += 1
-            else:
-                yield out

@@ -153,9 +153,13 @@ class Filter(Step):
                 stats.error(f"{self.name}.exception", id=doc.id, message=repr(e)[:300])
                 reason = f"{self.name}.error"
             if reason is None:
+                self.on_keep(doc)
                 yield doc
             else:
                 dropped[reason] += 1
+
+    def on_keep(self, doc: Document) -> None:
+        """Called for each kept document; filters that also rewrite kept text do it here."""
 
 
 class Mapper(Step):
@@ -163,8 +167,9 @@ class Mapper(Step):
 
     name: ClassVar[str] = "mapper"
 
-    def apply(self, doc: Document) -> Document | None:
-        """Return the edited document, or None to drop it (counted as `<name>.empty`)."""
+    def apply(self, doc: Document) -> Document | str | None:
+        """Return the edited document to keep it, a reason string to drop it, or None to drop it as
+        `<name>.empty` (nothing left)."""
         raise NotImplementedError
 
     def run(self, docs: Iterable[Document]) -> Iterator[Document]:
@@ -179,5 +184,7 @@ class Mapper(Step):
                 continue
             if out is None:
                 dropped[f"{self.name}.empty"] += 1
+            elif isinstance(out, str):
+                dropped[out] += 1
             else:
                 yield out

@@ -83,3 +83,35 @@ def test_stats_round_trip_and_merge() -> None:
     t.merge(s)
     assert t.docs_in == 6 and t.dropped["x.r"] == 2 and t.errors["x.bad"] == 2
     assert t.samples[0] == {"kind": "x.bad", "file": "f", "offset": 10}
+
+
+class TooLong(Mapper):
+    name = "cap"
+
+    def apply(self, doc: Document) -> Document | str | None:
+        return "cap.too_long" if len(doc.text) > 2 else doc
+
+
+class Trimming(Filter):
+    name = "trim"
+
+    def annotate(self, doc: Document) -> None:
+        self._trimmed = doc.text[:1]
+
+    def reject(self, doc: Document) -> str | None:
+        return "trim.empty" if not doc.text else None
+
+    def on_keep(self, doc: Document) -> None:
+        doc.text = self._trimmed
+
+
+def test_mapper_drops_with_the_reason_it_returns() -> None:
+    m = TooLong()
+    assert [d.id for d in m(_docs(5))] == ["0", "1", "2"]
+    assert m.stats.dropped == {"cap.too_long": 2}
+
+
+def test_filter_rewrites_only_the_documents_it_keeps() -> None:
+    f = Trimming()
+    out = list(f(_docs(3)))
+    assert [d.text for d in out] == ["x", "x"] and f.stats.dropped == {"trim.empty": 1}

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import ClassVar
 
 from curation.document import Document
@@ -96,6 +96,7 @@ class C4Filter(Filter):
         self.filter_curly_bracket = filter_curly_bracket
         self.filter_policy = filter_policy
         self.policy_substrings = tuple(policy_substrings)
+        self._cleaned = ""  # the current page's kept lines, between annotate and on_keep
 
     def clean(self, doc: Document) -> str:
         """Apply the line rules: write the page attributes, count removals, return the kept text."""
@@ -149,8 +150,11 @@ class C4Filter(Filter):
         return "\n".join(kept).strip()
 
     def annotate(self, doc: Document) -> None:
-        """Scores only; `run` (the step) also replaces the text of kept pages with the kept lines."""
-        self.clean(doc)
+        """Scores, and the kept lines, which replace the text if the page is kept (`on_keep`)."""
+        self._cleaned = self.clean(doc)
+
+    def on_keep(self, doc: Document) -> None:
+        doc.text = self._cleaned
 
     def reject(self, doc: Document) -> str | None:
         a = doc.attributes
@@ -161,19 +165,3 @@ class C4Filter(Filter):
         if a["c4.sentences"] < self.min_num_sentences:
             return "c4.too_few_sentences"
         return None
-
-    def run(self, docs: Iterable[Document]) -> Iterator[Document]:
-        dropped = self.stats.dropped
-        for doc in docs:
-            try:
-                text = self.clean(doc)
-                reason = self.reject(doc)
-            except Exception as e:  # one bad document is a counted drop, never a dead job
-                self.stats.error(f"{self.name}.exception", id=doc.id, message=repr(e)[:300])
-                dropped[f"{self.name}.error"] += 1
-                continue
-            if reason is None:
-                doc.text = text
-                yield doc
-            else:
-                dropped[reason] += 1

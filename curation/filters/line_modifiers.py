@@ -30,7 +30,7 @@ Lines removed are counted per rule in `stats.counters` (`line_modifiers.<rule>`)
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import ClassVar
 
 from curation.document import Document
@@ -187,30 +187,13 @@ class LineModifiers(Mapper):
             end -= 1
         return lines[start:end]
 
-    def apply(self, doc: Document) -> Document | None:
+    def apply(self, doc: Document) -> Document | str | None:
         new, before, after = self.modify(doc)
         removed = (before - after) / before if before else 0.0
         doc.attributes["line_modifiers.removed_words_ratio"] = removed
         if not new.strip():
             return None
         if self.max_removed_words_ratio is not None and removed > self.max_removed_words_ratio:
-            doc.attributes["line_modifiers.too_many_words_removed"] = 1
-            return None
+            return "line_modifiers.too_many_words_removed"
         doc.text = new
         return doc
-
-    def run(self, docs: Iterable[Document]) -> Iterator[Document]:
-        dropped = self.stats.dropped
-        for doc in docs:
-            try:
-                out = self.apply(doc)
-            except Exception as e:  # one bad document is a counted drop, never a dead job
-                self.stats.error(f"{self.name}.exception", id=doc.id, message=repr(e)[:300])
-                dropped[f"{self.name}.error"] += 1
-                continue
-            if out is not None:
-                yield out
-            elif doc.attributes.get("line_modifiers.too_many_words_removed"):
-                dropped["line_modifiers.too_many_words_removed"] += 1
-            else:
-                dropped["line_modifiers.empty"] += 1
