@@ -34,8 +34,9 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/curation.py --out docs/bench_curation.json
-	$(BIN)/python benchmarks/trainer.py --out docs/bench_trainer.json
+	$(BIN)/python benchmarks/curation.py --shards 4
+	$(BIN)/python benchmarks/filters.py
+	$(BIN)/python benchmarks/trainer.py --compile both
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache
