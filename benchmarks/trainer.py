@@ -36,21 +36,26 @@ from training.model import ModelConfig, Transformer  # noqa: E402
 StepFn = Callable[[torch.Tensor, torch.Tensor], float]
 
 
-def make_ours(model: Transformer, opt: torch.optim.Optimizer, compiled: bool) -> StepFn:
-    def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        logits = model(x)
-        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-
-    fn = torch.compile(loss_fn) if compiled else loss_fn
+def _train_step(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                opt: torch.optim.Optimizer) -> StepFn:
+    """forward + loss + backward + AdamW step, the same for both sides."""
 
     def step(x: torch.Tensor, y: torch.Tensor) -> float:
-        loss = fn(x, y)
+        loss = loss_fn(x, y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss.item()
 
     return step
+
+
+def make_ours(model: Transformer, opt: torch.optim.Optimizer, compiled: bool) -> StepFn:
+    def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = model(x)
+        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+
+    return _train_step(torch.compile(loss_fn) if compiled else loss_fn, opt)
 
 
 def make_hf(model: torch.nn.Module, opt: torch.optim.Optimizer, compiled: bool) -> StepFn:
@@ -58,16 +63,7 @@ def make_hf(model: torch.nn.Module, opt: torch.optim.Optimizer, compiled: bool) 
         # shift_labels=y: HF computes the loss on exactly our (input, next-token) pairs.
         return model(input_ids=x, labels=y, shift_labels=y, use_cache=False).loss
 
-    fn = torch.compile(loss_fn) if compiled else loss_fn
-
-    def step(x: torch.Tensor, y: torch.Tensor) -> float:
-        loss = fn(x, y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.item()
-
-    return step
+    return _train_step(torch.compile(loss_fn) if compiled else loss_fn, opt)
 
 
 def build(args: argparse.Namespace, cfg: ModelConfig, tmp: Path) -> dict[str, StepFn]:

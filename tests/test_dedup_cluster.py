@@ -18,30 +18,19 @@ from curation.dedup.exact import ExactDedup
 from curation.dedup.minhash import MinHashDedup, jaccard, shingle_sets, words
 from curation.document import Document
 from curation.executor import LocalExecutor
+from curation.writer import write_parquet_docs
 
 LOCAL = LocalExecutor(progress=False)
 
 
 def write_phase1(path: Path, docs: list[Document], steps: list) -> str:
-    """A phase-1 shard as the pipeline's writer lays it out: Dolma fields + '_' columns,
-    in small row groups so that reading candidates back has to pick row groups."""
+    """A phase-1 shard written by the pipeline's own writer (Dolma fields + '_' columns), in small
+    row groups so that reading candidates back has to pick row groups."""
     # fresh copies: fixture documents are shared between tests and annotation writes into them
     docs = [replace(d, attributes={}) for d in docs]
     for step in steps:
         docs = list(step.run(docs))
-    cols = {
-        "id": [d.id for d in docs],
-        "text": [d.text for d in docs],
-        "source": [d.source for d in docs],
-        "added": [d.added for d in docs],
-        "created": [d.created for d in docs],
-        "metadata": [json.dumps(d.metadata) for d in docs],
-    }
-    if "_exact_hash" in docs[0].attributes:
-        cols["_exact_hash"] = pa.array([d.attributes["_exact_hash"] for d in docs], pa.int64())
-    if "_minhash" in docs[0].attributes:
-        cols["_minhash"] = pa.array([d.attributes["_minhash"] for d in docs], pa.binary())
-    pq.write_table(pa.table(cols), path, row_group_size=16)
+    write_parquet_docs(docs, path, batch_rows=16, internal=True)
     return str(path)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pyarrow as pa
@@ -13,23 +12,12 @@ import xxhash
 from curation.dedup.exact import ExactDedup, exact_hash, normalize
 from curation.document import Document
 from curation.executor import LocalExecutor
+from curation.writer import write_parquet_docs
 
 
 def write_phase1(path: Path, docs: list[Document], step: ExactDedup) -> str:
-    """A phase-1 shard as the pipeline's writer lays it out: Dolma fields + '_' columns."""
-    docs = list(step.run(docs))
-    table = pa.table(
-        {
-            "id": [d.id for d in docs],
-            "text": [d.text for d in docs],
-            "source": [d.source for d in docs],
-            "added": [d.added for d in docs],
-            "created": [d.created for d in docs],
-            "metadata": [json.dumps(d.metadata) for d in docs],
-            "_exact_hash": pa.array([d.attributes.get("_exact_hash") for d in docs], pa.int64()),
-        }
-    )
-    pq.write_table(table, path)
+    """A phase-1 shard written by the pipeline's own writer: Dolma fields + '_' columns."""
+    write_parquet_docs(step.run(docs), path, internal=True)
     return str(path)
 
 

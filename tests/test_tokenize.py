@@ -214,7 +214,9 @@ def test_vocab_beyond_uint16_gets_uint32_and_forcing_uint16_is_an_error(tmp_path
     assert np.load(tmp_path / "out" / "p.npy").tolist() == [1, 70_000, 5, 70_001]
 
 
-def test_explicit_eos_token_and_bos_reach_the_workers(tmp_path: Path) -> None:
+def _two_doc_corpus_and_bertlike_tokenizer(tmp_path: Path) -> Path:
+    """A two-document corpus and, at tmp_path/tokenizer.json, a word-level tokenizer whose EOS is
+    not named like any we recognise (`[SEP]`) and whose BOS is `<s>`."""
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     pq.write_table(pa.table({"id": ["a", "b"], "text": ["hi there", "there"]}), corpus / "p.parquet")
@@ -223,6 +225,11 @@ def test_explicit_eos_token_and_bos_reach_the_workers(tmp_path: Path) -> None:
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.add_special_tokens(["[CLS]", "[SEP]", "<s>"])
     tok.save(str(tmp_path / "tokenizer.json"))
+    return corpus
+
+
+def test_explicit_eos_token_and_bos_reach_the_workers(tmp_path: Path) -> None:
+    corpus = _two_doc_corpus_and_bertlike_tokenizer(tmp_path)
     with pytest.raises(ValueError, match="no EOS"):
         tokenize_corpus(corpus, tmp_path / "tokenizer.json", tmp_path / "out")
     tokenize_corpus(corpus, tmp_path / "tokenizer.json", tmp_path / "out", eos_token="[SEP]", add_bos=True,
@@ -242,14 +249,7 @@ def test_output_made_with_another_tokenizer_is_refused(corpus, tokenizer, tmp_pa
 
 
 def test_rerun_with_other_bos_or_eos_settings_redoes_finished_inputs(tmp_path: Path) -> None:
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    pq.write_table(pa.table({"id": ["a", "b"], "text": ["hi there", "there"]}), corpus / "p.parquet")
-    vocab = {"[CLS]": 0, "[SEP]": 1, "<s>": 2, "hi": 3, "there": 4, "[UNK]": 5}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.add_special_tokens(["[CLS]", "[SEP]", "<s>"])
-    tok.save(str(tmp_path / "tokenizer.json"))
+    corpus = _two_doc_corpus_and_bertlike_tokenizer(tmp_path)
     out = tmp_path / "out"
     ex = LocalExecutor(progress=False)
     tokenize_corpus(corpus, tmp_path / "tokenizer.json", out, eos_token="[SEP]", executor=ex)
