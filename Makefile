@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/refinery demo --output demo_out
+	$(BIN)/refinery run pipelines/configs/quickstart.yaml --output demo_out
 
 test: $(STAMP)
 	$(BIN)/ruff check .
@@ -36,6 +36,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/curation.py --shards 4
 	$(BIN)/python benchmarks/filters.py
+	$(BIN)/python benchmarks/dedup_scale.py --sizes 100000,300000 --datatrove 26x11 --signatures
 	$(BIN)/python benchmarks/trainer.py --compile both
 
 clean:

@@ -9,6 +9,7 @@ and gives the same output on each.
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
@@ -63,13 +64,19 @@ class RayExecutor:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         self._started_here = False
         if not ray.is_initialized():
+            check_ray_address(address)
             kwargs: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": False,
                                       "include_dashboard": False}
             if address:
                 kwargs["address"] = address
             elif num_cpus:
                 kwargs["num_cpus"] = num_cpus
-            ray.init(**kwargs)
+            try:
+                ray.init(**kwargs)
+            except ConnectionError as e:  # the probe passed but the head refused us
+                if not address:
+                    raise
+                raise RayUnavailableError(_no_cluster(address, str(e).split("\n")[0])) from e
             self._started_here = True
         self.cpus_per_task = cpus_per_task
         self.progress = progress
@@ -93,6 +100,76 @@ class RayExecutor:
 
         if self._started_here and ray.is_initialized():
             ray.shutdown()
+
+
+class RayUnavailableError(RuntimeError):
+    """The Ray cluster asked for cannot be reached; the message says what to do."""
+
+
+# Seconds to wait for a TCP connect: a live head answers in milliseconds, even across a data centre.
+PROBE_TIMEOUT_S = 5.0
+# Ports Ray listens on when an address names none: the GCS for `host`, the client server for ray://.
+GCS_PORT, CLIENT_PORT = 6379, 10001
+
+
+def _no_cluster(address: str, why: str, from_env: bool = False) -> str:
+    fix = "unset RAY_ADDRESS" if from_env else "drop --ray-address"
+    return (f"no Ray cluster at {address} ({why}); start one with `ray start --head` "
+            f"or {fix} to use a local Ray")
+
+
+def check_ray_address(address: str | None) -> None:
+    """Fail in seconds, with what to do, when `address` has no Ray cluster behind it.
+
+    ray.init retries an unreachable GCS for minutes, and `auto` without a cluster ends in a
+    ConnectionError traceback; a TCP connect to the port ray.init will dial answers both at once.
+    `None` means an embedded local Ray, unless RAY_ADDRESS names a cluster (ray.init joins it).
+    """
+    from_env = not address and bool(os.environ.get("RAY_ADDRESS"))
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address is None or address == "local":
+        return
+    try:
+        host, port = _dial_target(address)
+    except ConnectionError:  # `auto`: neither RAY_ADDRESS, a recorded `ray start`, nor a GCS process
+        raise RayUnavailableError(_no_cluster(address, "no running cluster found on this machine", from_env)) from None
+    except ValueError:
+        raise RayUnavailableError(f"cannot read Ray address {address!r}; write host:port (the head's GCS "
+                                  "port, 6379 by default), ray://host:10001 or auto") from None
+    try:
+        with socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S):
+            pass
+    except OSError as e:
+        why = "no answer" if isinstance(e, TimeoutError) else (e.strerror or type(e).__name__).lower()
+        raise RayUnavailableError(_no_cluster(address, f"{why} at {host}:{port}", from_env)) from None
+
+
+def _dial_target(address: str) -> tuple[str, int]:
+    """The host and port ray.init will connect to for `address`."""
+    if address.startswith("ray://"):  # Ray client: the head's client server
+        rest = address.removeprefix("ray://").split("/", 1)[0]
+        return _host_port(rest, CLIENT_PORT)
+    if address != "auto":
+        _host_port(address, GCS_PORT)  # an empty host fails here, before Ray logs a traceback
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+    except ImportError:  # a Ray without this private helper: dial the address as written
+        return _host_port(address, GCS_PORT)
+    # Resolves `auto` (raising ConnectionError when nothing runs) and, like ray.init, replaces
+    # localhost by the node's IP, which is where a head started here listens.
+    target = canonicalize_bootstrap_address(address)
+    if target is None:
+        raise ConnectionError(address)
+    return _host_port(target, GCS_PORT)
+
+
+def _host_port(address: str, default_port: int) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or host.endswith(":"):  # no port (IPv6 literals are bracketed)
+        host, port = address, str(default_port)
+    if not host:
+        raise ValueError(address)
+    return host.strip("[]"), int(port)
 
 
 def _apply(fn: Callable[[T], R], item: T) -> R:

@@ -1,28 +1,39 @@
-"""Step 2 of curation: HTML bytes to main text (resiliparse by default, trafilatura as an option).
+"""Step 2 of curation: HTML bytes to main text (resiliparse by default; trafilatura, or hybrid:
+resiliparse plus a line classifier, curation/extract_hybrid.py, as options).
 
 Decoding follows the WHATWG order browsers use: a byte-order mark, then the charset the HTTP
 header declared (if the bytes decode with it), then the page's `<meta charset>`, then detection
 (uchardet, via resiliparse). Each page is extracted under a size limit and a time limit; a page
 that breaks either is dropped with a counted reason (`extract.too_large`, `extract.timeout`),
 never failing the job. Documents that arrive with text and no HTML (WET records) pass through.
+
+The time limit has to stop C code (resiliparse spent 494 s on 100,000 nested `<div>`s; a signal
+or an exception raised in the thread waits until the C call returns), so decoding and extraction
+run in a child process that lives as long as the step: pages go to it through a pipe, and one
+that overruns its limit gets the child killed and replaced. A child that dies (a crash in C code)
+costs only its page, counted as `extract.error`.
 """
 
 from __future__ import annotations
 
 import codecs
-import ctypes
-import signal
+import os
+import pickle
+import select
+import struct
+import subprocess
+import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, ClassVar, TypeVar
+from typing import IO, Any, ClassVar
 
 from curation.document import Document
+from curation.read.control_chars import strip_control_chars
 from curation.step import Step
 
-T = TypeVar("T")
-
-EXTRACTORS = ("resiliparse", "trafilatura")
+EXTRACTORS = ("resiliparse", "trafilatura", "hybrid")
 
 # resiliparse options, chosen on ../shared/data/extraction/evaldata.json (tests/test_extract.py;
 # must-have snippets found / must-not snippets avoided): this set 95.3% / 74.3%. Alt texts on:
@@ -51,7 +62,15 @@ _WHATWG_LABELS = {"iso8859-1": "cp1252", "ascii": "cp1252"}
 
 
 class ExtractTimeout(Exception):
-    """Raised inside an extraction that ran past its time limit."""
+    """An extraction that ran past its time limit (its process was killed)."""
+
+
+class ExtractorFailed(Exception):
+    """The extractor raised, or its process died; the message says which and why."""
+
+
+class ExtractorUnavailable(RuntimeError):
+    """The extraction process could not be started: a setup problem, not a page's fault."""
 
 
 class Extract(Step):
@@ -59,8 +78,9 @@ class Extract(Step):
 
     Drops, counted in `stats.dropped`: `extract.too_large` (HTML over `max_html_bytes`),
     `extract.timeout` (over `timeout_s`), `extract.empty` (fewer than `min_chars` characters of
-    text), `extract.error` (the extractor raised). Timeouts and errors are also counted in
-    `stats.errors`, whose samples name the page (id, url, message) for the report.
+    text), `extract.error` (the extractor raised, or its process died). Timeouts and errors are
+    also counted in `stats.errors`, whose samples name the page (id, url, message) for the report.
+    Control characters removed from extracted text are counted in `counters`.
     """
 
     name: ClassVar[str] = "extract"
@@ -84,7 +104,12 @@ class Extract(Step):
         self.max_html_bytes = max_html_bytes
         self.min_chars = min_chars
         # Fail at construction, not deep inside a run, when the chosen backend is missing.
-        self._extract: Callable[[str], str] = _resiliparse_text if extractor == "resiliparse" else _Trafilatura()
+        self._extract: Callable[[str], str] = _extractor(extractor)
+        self._process: ExtractorProcess | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The child process stays behind: a copy (a Ray worker) starts its own on first use.
+        return {**self.__dict__, "_process": None}
 
     def run(self, docs: Iterable[Document]) -> Iterator[Document]:
         dropped = self.stats.dropped
@@ -99,8 +124,9 @@ class Extract(Step):
                 dropped["extract.too_large"] += 1
                 continue
             try:
-                html = decode_html(doc.raw, doc.charset)
-                text = run_with_timeout(self._extract, html, self.timeout_s)
+                text = self._text(doc.raw, doc.charset)
+            except ExtractorUnavailable:
+                raise  # every page would fail the same way
             except ExtractTimeout:
                 dropped["extract.timeout"] += 1
                 self.stats.error("extract.timeout", id=doc.id, url=doc.metadata.get("url"))
@@ -110,7 +136,9 @@ class Extract(Step):
                 self.stats.error("extract.error", id=doc.id, url=doc.metadata.get("url"),
                                  message=f"{type(e).__name__}: {e}")
                 continue
-            text = text.strip()
+            text, removed = strip_control_chars(text.strip())
+            if removed:
+                self.stats.counters["control_chars_removed"] += removed
             if len(text) < self.min_chars:
                 dropped["extract.empty"] += 1
                 continue
@@ -118,6 +146,19 @@ class Extract(Step):
             doc.raw = None
             doc.charset = None
             yield doc
+
+    def _text(self, raw: bytes, charset: str | None) -> str:
+        if not self.timeout_s or self.timeout_s <= 0:  # no limit: no process either
+            return self._extract(decode_html(raw, charset))
+        if self._process is None:
+            self._process = ExtractorProcess(self._extract)
+        return self._process.extract(raw, charset, self.timeout_s)
+
+    def close(self) -> None:
+        """Stop the extraction process now (it also stops when the step is garbage collected)."""
+        if self._process is not None:
+            self._process.close()
+            self._process = None
 
 
 # -- decoding -----------------------------------------------------------------------------------
@@ -143,6 +184,16 @@ def decode_html(raw: bytes, declared: str | None = None) -> str:
 
 
 # -- extractors ---------------------------------------------------------------------------------
+
+
+def _extractor(name: str) -> Callable[[str], str]:
+    if name == "trafilatura":
+        return _Trafilatura()
+    if name == "hybrid":
+        from curation.extract_hybrid import hybrid_text
+
+        return hybrid_text
+    return _resiliparse_text
 
 
 def _resiliparse_text(html: str) -> str:
@@ -178,73 +229,194 @@ class _Trafilatura:
         return trafilatura.extract(html, config=self._config, include_comments=False, include_tables=True) or ""
 
 
-# -- time limit ---------------------------------------------------------------------------------
+# -- the extraction process --------------------------------------------------------------------
+
+# A tiny page the child extracts before it reports ready, so lazy imports and config building do
+# not count against the first real page's limit.
+_WARMUP = "<html><body><p>warm up</p></body></html>"
+_READY_TIMEOUT_S = 120.0
+_FRAME = struct.Struct("<Q")
+_PAGE = struct.Struct("<QH")  # HTML bytes, charset label bytes
+_PIPE_BYTES = 1 << 20  # fewer context switches per page than the 64 KiB default
+_F_SETPIPE_SZ = 1031  # Linux fcntl
 
 
-def run_with_timeout(fn: Callable[[Any], T], arg: Any, timeout_s: float) -> T:
-    """`fn(arg)`, raising ExtractTimeout once `timeout_s` has passed.
+class ExtractorProcess:
+    """A child process running one extractor on the pages sent to it, one at a time.
 
-    In the main thread (the in-process executor, and Ray tasks, which run on their worker's main
-    thread) a SIGALRM interval timer interrupts the call. Elsewhere (threaded actors, thread
-    pools) a timer thread raises the exception asynchronously in the calling thread. Both act
-    between Python bytecodes: a long stretch inside C code (lxml, lexbor) is interrupted as soon
-    as it returns, so a slow page is still dropped and counted, just a little late.
+    `extract(raw, charset, timeout_s)` returns the page's text, raises ExtractTimeout after
+    killing a child that overran (the next page starts a fresh one), or ExtractorFailed when the
+    extractor raised or the child died. The extractor travels to the child pickled, so it must be
+    a module-level function or a picklable object.
     """
-    if timeout_s is None or timeout_s <= 0:
-        return fn(arg)
-    if threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer"):
-        return _with_alarm(fn, arg, timeout_s)
-    return _with_async_exc(fn, arg, timeout_s)
 
-
-def _with_alarm(fn: Callable[[Any], T], arg: Any, timeout_s: float) -> T:
-    armed = [True]
-
-    def on_alarm(signum: int, frame: Any) -> None:
-        if armed[0]:
-            armed[0] = False  # one-shot: a late signal can never raise twice
-            raise ExtractTimeout(f"extraction took longer than {timeout_s} s")
-
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    started = time.monotonic()
-    prev_delay, prev_interval = signal.setitimer(signal.ITIMER_REAL, timeout_s)
-    try:
+    def __init__(self, extractor: Callable[[str], str]) -> None:
+        # Pickled now, so an extractor that cannot travel fails here, not in the child.
         try:
-            return fn(arg)
-        finally:
-            armed[0] = False
-            signal.setitimer(signal.ITIMER_REAL, 0)
-    finally:
-        signal.signal(signal.SIGALRM, previous)
-        if prev_delay > 0:
-            # Someone else's alarm (pytest-timeout, an outer limit) keeps its remaining time.
-            left = prev_delay - (time.monotonic() - started)
-            signal.setitimer(signal.ITIMER_REAL, max(left, 1e-3), prev_interval)
+            self._extractor = pickle.dumps(extractor, protocol=pickle.HIGHEST_PROTOCOL)
+        except (pickle.PicklingError, TypeError, AttributeError) as e:
+            raise ExtractorUnavailable(f"the extractor cannot be sent to the extraction process: {e}") from None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._lock = threading.Lock()
+        self._finalizer: weakref.finalize | None = None
 
+    def extract(self, raw: bytes, charset: str | None, timeout_s: float) -> str:
+        with self._lock:
+            proc = self._proc or self._start()
+            assert proc.stdin is not None and proc.stdout is not None
+            deadline = time.monotonic() + timeout_s
+            try:
+                _send_page(proc.stdin, raw, charset)
+                status, value = _receive(proc.stdout, deadline)
+            except TimeoutError:
+                self._stop()
+                raise ExtractTimeout(f"extraction took longer than {timeout_s} s") from None
+            except (OSError, EOFError, pickle.UnpicklingError):
+                code = self._stop()
+                raise ExtractorFailed(f"the extraction process died ({_exit_reason(code)})") from None
+        if status != "ok":
+            raise ExtractorFailed(value)
+        return value
 
-def _with_async_exc(fn: Callable[[Any], T], arg: Any, timeout_s: float) -> T:
-    tid = ctypes.c_ulong(threading.get_ident())
-    lock = threading.Lock()
-    state = {"armed": True, "fired": False}
+    def close(self) -> None:
+        with self._lock:
+            self._stop()
 
-    def fire() -> None:
-        with lock:
-            if state["armed"]:
-                state["fired"] = True
-                ctypes.pythonapi.PyThreadState_SetAsyncExc(tid, ctypes.py_object(ExtractTimeout))
-
-    timer = threading.Timer(timeout_s, fire)
-    timer.daemon = True
-    timer.start()
-    try:
+    def _start(self) -> subprocess.Popen[bytes]:
+        env = dict(os.environ)
+        # The child imports what the parent can (the project, a test module's extractor).
+        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "from curation.extract import serve_extractor; serve_extractor()"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True,
+        )
+        assert proc.stdin is not None and proc.stdout is not None
+        for pipe in (proc.stdin, proc.stdout):
+            _widen(pipe)
+        self._proc = proc
+        self._finalizer = weakref.finalize(self, _kill, proc)
         try:
-            return fn(arg)
-        finally:
-            with lock:
-                state["armed"] = False
-            timer.cancel()
-            if state["fired"]:
-                # Fired but maybe not yet delivered: clear it so it cannot hit later code.
-                ctypes.pythonapi.PyThreadState_SetAsyncExc(tid, None)
-    except ExtractTimeout:
-        raise ExtractTimeout(f"extraction took longer than {timeout_s} s") from None
+            _send_bytes(proc.stdin, self._extractor)
+            status, value = _receive(proc.stdout, time.monotonic() + _READY_TIMEOUT_S)
+        except (OSError, EOFError, TimeoutError, pickle.UnpicklingError) as e:
+            code = self._stop()
+            raise ExtractorUnavailable(f"the extraction process did not start ({_exit_reason(code)}, "
+                                       f"{type(e).__name__})") from None
+        if status != "ready":
+            self._stop()
+            raise ExtractorUnavailable(f"the extraction process did not start: {value}")
+        return proc
+
+    def _stop(self) -> int | None:
+        proc, self._proc = self._proc, None
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
+        return _kill(proc) if proc is not None else None
+
+
+def serve_extractor() -> None:
+    """The child's loop: the extractor arrives first, then `(raw, charset)` pages; each gets
+    `("ok", text)` or `("error", message)` back. Ends when the parent closes the pipe."""
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # a stray print in an extractor must not corrupt the replies
+    src = sys.stdin.buffer
+    try:
+        extractor = _receive(src, None)
+        extractor(_WARMUP)
+    except Exception as e:  # noqa: BLE001 - reported to the parent, which raises it
+        _send(out, ("error", f"{type(e).__name__}: {e}"))
+        return
+    _send(out, ("ready", None))
+    while True:
+        try:
+            raw, charset = _receive_page(src)
+        except EOFError:
+            return
+        try:
+            reply = ("ok", extractor(decode_html(raw, charset)))
+        except Exception as e:  # noqa: BLE001 - the page is dropped and counted by the parent
+            reply = ("error", f"{type(e).__name__}: {e}")
+        _send(out, reply)
+
+
+def _send(pipe: IO[bytes], obj: Any) -> None:
+    _send_bytes(pipe, pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def _send_bytes(pipe: IO[bytes], data: bytes) -> None:
+    _write_all(pipe.fileno(), [_FRAME.pack(len(data)), data])
+
+
+def _send_page(pipe: IO[bytes], raw: bytes, charset: str | None) -> None:
+    """A page as a header and its bytes as they are: no pickling copy of up to 5 MB of HTML."""
+    label = (charset or "").encode("ascii", "replace")
+    _write_all(pipe.fileno(), [_PAGE.pack(len(raw), len(label)), label, raw])
+
+
+def _receive_page(pipe: IO[bytes]) -> tuple[bytes, str | None]:
+    size, label_size = _PAGE.unpack(_read_exactly(pipe, _PAGE.size, None))
+    label = _read_exactly(pipe, label_size, None).decode("ascii") if label_size else None
+    return _read_exactly(pipe, size, None), label
+
+
+def _write_all(fd: int, parts: list[bytes]) -> None:
+    """Write `parts` to `fd` unbuffered (reads and writes on these pipes all go through the fd)."""
+    views = [memoryview(p) for p in parts if p]
+    while views:
+        n = os.writev(fd, views)
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if views and n:
+            views[0] = views[0][n:]
+
+
+def _receive(pipe: IO[bytes], deadline: float | None) -> Any:
+    """One framed object from `pipe`; TimeoutError once `deadline` (monotonic) has passed."""
+    size = _FRAME.unpack(_read_exactly(pipe, _FRAME.size, deadline))[0]
+    return pickle.loads(_read_exactly(pipe, size, deadline))
+
+
+def _read_exactly(pipe: IO[bytes], n: int, deadline: float | None) -> bytes:
+    fd = pipe.fileno()
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                raise TimeoutError
+        read = os.readv(fd, [view[got:]])
+        if not read:
+            raise EOFError("pipe closed")
+        got += read
+    return bytes(buf)
+
+
+def _widen(pipe: IO[bytes]) -> None:
+    try:
+        import fcntl
+
+        fcntl.fcntl(pipe.fileno(), _F_SETPIPE_SZ, _PIPE_BYTES)
+    except (ImportError, OSError):
+        pass  # not Linux, or over /proc/sys/fs/pipe-max-size: the default works, a little slower
+
+
+def _kill(proc: subprocess.Popen[bytes]) -> int | None:
+    for pipe in (proc.stdin, proc.stdout):
+        if pipe is not None:
+            try:
+                pipe.close()
+            except OSError:
+                pass
+    if proc.poll() is None:
+        proc.kill()
+    return proc.wait()
+
+
+def _exit_reason(code: int | None) -> str:
+    if code is None:
+        return "not started"
+    return f"killed by signal {-code}" if code < 0 else f"exit code {code}"

@@ -7,26 +7,42 @@
 
 Every output appears atomically and is followed by a marker holding that unit's stats, so a
 killed run restarts where it stopped: finished shards are skipped, never redone or duplicated.
+
+The output directory belongs to one run (see "The output-directory contract" in
+docs/decisions.md): a lock keeps a second run out while one works; `_work/run.json` pins the
+config and inputs, and a run over results it cannot account for is refused unless `overwrite`.
+Markers carry what they were made from (an input's size and mtime; a digest of all phase-1
+shards for dedup and write), so an input changed at the same path is redone, and so is every
+global result that depended on it.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
+import hashlib
 import json
+import logging
+import os
+import re
 import shutil
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curation.config import CurationConfig, validate_buildable
+from curation.corpus import DOCUMENTS_DIR, RUN_FILE, STATS_FILE, WORK_DIR
+from curation.dedup.cluster import DROP_SCHEMA
 from curation.executor import Executor, make_executor
 from curation.registry import DEDUP_STEPS, DOC_STEPS, ConfigError, build
 from curation.step import StepStats
@@ -39,7 +55,19 @@ from curation.writer import (
     write_parquet_table,
 )
 
-RUN_FILE = "run.json"
+log = logging.getLogger(__name__)
+
+LOCK_FILE = "lock"
+# What a run writes, relative to the output directory; the only things `overwrite` removes.
+# `_work/download_cache` (remote inputs, keyed by URL) and the lock stay.
+OWNED = (f"{WORK_DIR}/{RUN_FILE}", f"{WORK_DIR}/stage1", f"{WORK_DIR}/dedup", f"{WORK_DIR}/final",
+         DOCUMENTS_DIR, STATS_FILE, "report.md", "funnel.png")
+# Names of the document files `final_path` makes: `<index>-<input name>.<ext>`.
+_DOCUMENT_NAME = re.compile(r"\d{5,}-[^/]*\.(parquet|jsonl\.gz)")
+
+
+class OutputConflictError(ConfigError):
+    """The output directory is in use by another run, or holds results this run cannot account for."""
 
 
 @dataclass(frozen=True)
@@ -56,6 +84,21 @@ class RunContext:
 class Shard:
     key: str
     path: str
+    version: str = ""  # input_version(path) when the run started
+
+
+def input_version(path: str) -> str:
+    """What tells a changed input apart without reading it: a local file's size and mtime. A
+    remote input is read once through a cache keyed by its URL, so the URL is its version."""
+    from curation.read.inputs import is_remote
+
+    if is_remote(path):
+        return "remote"
+    try:
+        st = os.stat(path)
+    except OSError:
+        return "missing"
+    return f"{st.st_size}:{st.st_mtime_ns}"
 
 
 def shard_key(index: int, path: str) -> str:
@@ -97,7 +140,11 @@ def process_shard(ctx: RunContext, shard: Shard) -> dict[str, Any]:
     stage1 = Path(ctx.work) / "stage1"
     marker = stage1 / f"{shard.key}.done.json"
     if marker.exists():
-        return json.loads(marker.read_text())
+        done = json.loads(marker.read_text())
+        if done.get("input_version") == shard.version:
+            return done
+        log.info("%s changed since its shard was made; redoing it", shard.path)
+        marker.unlink()  # its shard is about to be replaced; never trust the pair half-updated
     reader, steps, dedups = _build_steps(ctx)
 
     t0 = time.perf_counter()
@@ -107,7 +154,10 @@ def process_shard(ctx: RunContext, shard: Shard) -> dict[str, Any]:
 
     for d in dedups:  # dedup signals only; the decisions are global (phase 2)
         stream = d.run(stream)
-    rows = write_parquet_docs(stream, stage1 / f"{shard.key}.parquet", internal=True)
+    out = stage1 / f"{shard.key}.parquet"
+    rows = write_parquet_docs(stream, out, internal=True)
+    if not rows:  # an empty stream writes nothing; an earlier version's shard must not stay
+        out.unlink(missing_ok=True)
     read_stats = reader.stats
     # The reader's input is records, not documents (its skips are in counters by kind), so its
     # row in the funnel starts at the documents it produced.
@@ -115,6 +165,7 @@ def process_shard(ctx: RunContext, shard: Shard) -> dict[str, Any]:
     result = {
         "shard": shard.key,
         "path": shard.path,
+        "input_version": shard.version,
         "rows": rows,
         "seconds": round(time.perf_counter() - t0, 3),
         "steps": [read_stats.to_dict()] + [s.stats.to_dict() for s in steps],
@@ -132,90 +183,169 @@ def process_shard(ctx: RunContext, shard: Shard) -> dict[str, Any]:
 # phase 2: global dedup
 
 
-def run_dedup(ctx: RunContext, shards: list[str], executor: Executor) -> tuple[pa.Table, list[dict]]:
-    """Run each dedup step over all shards; a document drops at the first step that drops it."""
+def phase1_digest(ctx: RunContext, shard_results: list[dict]) -> str:
+    """What every global result is made from: the config and each phase-1 shard's input version
+    and row count. Dedup and write markers made from another digest are redone."""
+    parts = [[r["shard"], r.get("input_version", ""), r["rows"]] for r in shard_results]
+    blob = json.dumps([CurationConfig.from_dict(ctx.config).fingerprint(), parts])
+    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+def run_dedup(ctx: RunContext, shards: list[Shard], phase1: str, executor: Executor) -> list[dict]:
+    """Run each dedup step over all phase-1 shards; a row drops at the first step that drops it.
+    Returns each step's stats.
+
+    Each step leaves one drop list per shard (`_work/dedup/<step>/drops/`); one task per shard
+    then merges its lists into `_work/dedup/dropped/<shard>.parquet`, the only file its write task
+    reads. The driver sees counts and file names, never a document: nothing it holds grows with
+    the corpus beyond one entry per shard. Drops name rows (`shard` = shard key, `row`), never ids
+    alone: the same archive given under two names yields every document twice with one id, and
+    exactly one copy must stay.
+    """
     cfg = CurationConfig.from_dict(ctx.config)
     ddir = Path(ctx.work) / "dedup"
     ddir.mkdir(parents=True, exist_ok=True)
-    total = sum(pq.read_metadata(p).num_rows for p in shards)
-    dropped_ids: set[str] = set()
-    tables: list[pa.Table] = []
-    stats: list[dict] = []
+    paths = [str(stage1_path(ctx, s)) for s in shards]
+    step_files: list[dict[str, str]] = []  # per step: shard key → its drop list, relative to ddir
+    step_runs: list[tuple[float, dict]] = []
     for spec in cfg.dedup:
-        out = ddir / f"{spec.name}.parquet"
         marker = ddir / f"{spec.name}.done.json"
-        if marker.exists():
-            table = pq.read_table(out)
-            done = json.loads(marker.read_text())
-            seconds, counters = done["seconds"], done.get("counters", {})
-        else:
+        done = json.loads(marker.read_text()) if marker.exists() else {}
+        listed = done.get("files")
+        if done.get("phase1") != phase1 or listed is None or not all((ddir / f).is_file() for f in listed.values()):
+            marker.unlink(missing_ok=True)  # its lists are about to be replaced
             step = build(spec.name, spec.params, DEDUP_STEPS)
             t0 = time.perf_counter()
-            scratch = ddir / f"{spec.name}.scratch"
-            shutil.rmtree(scratch, ignore_errors=True)
-            scratch.mkdir(parents=True)
-            table = step.find_duplicates(shards, scratch, executor)
-            table = table.select(["id", "reason", "duplicate_of"])
-            seconds = time.perf_counter() - t0
-            counters = dict(step.stats.counters)
-            write_parquet_table(table, out)
-            shutil.rmtree(scratch, ignore_errors=True)
-            atomic_write_text(marker, json.dumps({"seconds": seconds, "counters": counters}))
-        # Only documents not already dropped by an earlier dedup step count for this one.
-        if dropped_ids:
-            table = table.filter(pc.invert(pc.is_in(table["id"], pa.array(sorted(dropped_ids)))))
-        docs_in = total - len(dropped_ids)
-        s = StepStats(spec.name, docs_in=docs_in, docs_out=docs_in - table.num_rows, seconds=seconds)
-        s.dropped.update(Counter(table["reason"].to_pylist()))
+            found = step.drop_rows(paths, ddir, executor)
+            files = {s.key: Path(d.file).relative_to(ddir).as_posix()
+                     for s, d in zip(shards, found, strict=True) if d.rows}
+            done = {"seconds": time.perf_counter() - t0, "counters": dict(step.stats.counters),
+                    "phase1": phase1, "files": files}
+            atomic_write_text(marker, json.dumps(done))
+        step_files.append(done["files"])
+        step_runs.append((done["seconds"], done.get("counters", {})))
+    merged = executor.map(
+        partial(merge_drops, ctx, phase1),
+        [(s, [files.get(s.key, "") for files in step_files]) for s in shards],
+        desc="dedup: drops per shard",
+    )
+    stats: list[dict] = []
+    dropped_before = 0
+    total = sum(m["rows"] for m in merged)
+    for i, (spec, (seconds, counters)) in enumerate(zip(cfg.dedup, step_runs, strict=True)):
+        reasons: Counter = Counter()
+        for m in merged:
+            reasons.update(m["dropped"][i])
+        docs_in = total - dropped_before
+        s = StepStats(spec.name, docs_in=docs_in, docs_out=docs_in - sum(reasons.values()), seconds=seconds)
+        s.dropped.update(reasons)
         s.counters.update(counters)
         stats.append(s.to_dict())
-        dropped_ids.update(table["id"].to_pylist())
-        tables.append(table)
-    empty = pa.table({"id": pa.array([], pa.string()), "reason": pa.array([], pa.string()),
-                      "duplicate_of": pa.array([], pa.string())})
-    return (pa.concat_tables(tables) if tables else empty), stats
+        dropped_before += sum(reasons.values())
+    return stats
+
+
+def dropped_path(ctx: RunContext, shard: Shard) -> Path:
+    return Path(ctx.work) / "dedup" / "dropped" / f"{shard.key}.parquet"
+
+
+def merge_drops(ctx: RunContext, phase1: str, item: tuple[Shard, list[str]]) -> dict[str, Any]:
+    """One shard: its drop lists of every dedup step (paths relative to `_work/dedup`, "" for
+    none) → one list where each row carries the reason of the first step that dropped it.
+    Returns the shard's phase-1 row count and, per step, the rows it newly dropped by reason."""
+    shard, files = item
+    out = dropped_path(ctx, shard)
+    marker = out.with_name(f"{shard.key}.done.json")
+    if marker.exists():
+        done = json.loads(marker.read_text())
+        if done.get("phase1") == phase1 and out.is_file():
+            return done
+    ddir = Path(ctx.work) / "dedup"
+    taken = np.empty(0, dtype=np.int64)
+    tables: list[pa.Table] = []
+    per_step: list[dict[str, int]] = []
+    for f in files:
+        if not f:
+            per_step.append({})
+            continue
+        t = pq.read_table(ddir / f, schema=DROP_SCHEMA)
+        t = t.filter(pa.array(~np.isin(t["row"].to_numpy(), taken)))
+        per_step.append(dict(Counter(t["reason"].to_pylist())))
+        taken = np.concatenate([taken, t["row"].to_numpy()])
+        tables.append(t)
+    table = pa.concat_tables(tables) if tables else DROP_SCHEMA.empty_table()
+    table = table.set_column(0, "shard", pa.array([shard.key] * table.num_rows, pa.string())).sort_by("row")
+    write_parquet_table(table, out)  # written even when empty: a stale list must never stay
+    result = {"shard": shard.key, "rows": pq.read_metadata(stage1_path(ctx, shard)).num_rows,
+              "dropped": per_step, "phase1": phase1}
+    atomic_write_text(marker, json.dumps(result))
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
 # phase 3: write the corpus
 
 
+def stage1_path(ctx: RunContext, shard: Shard) -> Path:
+    return Path(ctx.work) / "stage1" / f"{shard.key}.parquet"
+
+
 def final_path(ctx: RunContext, shard: Shard, source: str) -> Path:
     cfg = CurationConfig.from_dict(ctx.config)
     ext = "parquet" if cfg.format == "parquet" else "jsonl.gz"
     safe_source = "".join(c if c.isalnum() or c in "-_." else "_" for c in source) or "unknown"
-    return Path(ctx.output) / "documents" / safe_source / f"{shard.key}.{ext}"
+    return Path(ctx.output) / DOCUMENTS_DIR / safe_source / f"{shard.key}.{ext}"
 
 
-def write_shard(ctx: RunContext, drops_path: str, shard: Shard) -> dict[str, Any]:
-    """Phase 3 for one shard: drop deduplicated documents, strip internal columns, write."""
+def write_shard(ctx: RunContext, phase1: str, shard: Shard) -> dict[str, Any]:
+    """Phase 3 for one shard: drop its deduplicated rows (its own list only), strip internal
+    columns, write."""
     marker = Path(ctx.work) / "final" / f"{shard.key}.done.json"
     if marker.exists():
-        return json.loads(marker.read_text())
+        done = json.loads(marker.read_text())
+        if done.get("phase1") == phase1 and (not done["file"] or (Path(ctx.output) / done["file"]).is_file()):
+            return done
     cfg = CurationConfig.from_dict(ctx.config)
-    src = Path(ctx.work) / "stage1" / f"{shard.key}.parquet"
-    table = pq.read_table(src, columns=BASE_SCHEMA.names)
-    if drops_path:
-        drop_ids = pq.read_table(drops_path, columns=["id"])["id"]
-        table = table.filter(pc.invert(pc.is_in(table["id"], drop_ids)))
+    table = pq.read_table(stage1_path(ctx, shard), columns=BASE_SCHEMA.names)
+    if cfg.dedup:
+        drops = pq.read_table(dropped_path(ctx, shard), columns=["row"])
+        keep = np.ones(table.num_rows, dtype=np.bool_)
+        keep[drops["row"].to_numpy()] = False
+        table = table.filter(pa.array(keep))
     langs: Counter = Counter()
     chars = 0
     for meta, text in zip(table["metadata"].to_pylist(), table["text"].to_pylist(), strict=True):
         langs[(orjson.loads(meta) if meta else {}).get("lang", "unknown")] += 1
         chars += len(text)
+    file = ""
     if table.num_rows:
         out = final_path(ctx, shard, cfg.source)
         if cfg.format == "parquet":
             write_parquet_table(table, out)
         else:
             write_dolma_table(table, out)
-    result = {"shard": shard.key, "rows": table.num_rows, "chars": chars, "languages": dict(langs)}
+        file = out.relative_to(ctx.output).as_posix()
+    result = {"shard": shard.key, "rows": table.num_rows, "chars": chars, "languages": dict(langs),
+              "file": file, "phase1": phase1}
     atomic_write_text(marker, json.dumps(result))
     return result
 
 
+def remove_stale_documents(output: Path, written: set[str]) -> list[Path]:
+    """Delete document files this run did not write (an earlier version of a changed input, one
+    whose documents are now all dropped), so no stale shard sits beside the corpus. Only names
+    `final_path` makes are touched."""
+    removed = []
+    docs = output / DOCUMENTS_DIR
+    for p in sorted(docs.rglob("*")) if docs.is_dir() else []:
+        if p.is_file() and _DOCUMENT_NAME.fullmatch(p.name) and p.relative_to(output).as_posix() not in written:
+            p.unlink()
+            removed.append(p)
+    return removed
+
+
 # ---------------------------------------------------------------------------------------------
-# driver
+# the output directory: one run at a time, and only its own results
 
 
 def download_cache(cfg: CurationConfig, work: Path) -> str:
@@ -224,25 +354,106 @@ def download_cache(cfg: CurationConfig, work: Path) -> str:
     return str(cfg.read.get("cache_dir") or work / "download_cache")
 
 
-def _start_or_resume(work: Path, cfg: CurationConfig, paths: list[str]) -> dict[str, Any]:
-    run_file = work / RUN_FILE
+@contextmanager
+def hold_output(output: Path) -> Iterator[None]:
+    """Hold `output` for this process: an exclusive flock on `_work/lock` for the whole run; a
+    second run on the same output fails at once, naming the holder's pid."""
+    work = output / WORK_DIR
+    work.mkdir(parents=True, exist_ok=True)
+    fd = os.open(work / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputConflictError(
+                f"{output} is in use by another refinery curate run (pid {_lock_holder(fd)}); wait for it "
+                "to finish, or choose another --output"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock; the file stays, so no two runs ever lock different files
+
+
+def _lock_holder(fd: int) -> str:
+    # The holder writes its pid just after taking the lock; give it a moment to do so.
+    for _ in range(20):
+        pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        if pid:
+            return pid
+        time.sleep(0.05)
+    return "unknown"
+
+
+def _foreign_results(output: Path) -> list[str]:
+    """Results in `output` that no run.json accounts for (an empty documents/ holds none)."""
+    results = (f"{WORK_DIR}/stage1", f"{WORK_DIR}/dedup", f"{WORK_DIR}/final", STATS_FILE, "report.md")
+    found = [name for name in results if (output / name).exists()]
+    docs = output / DOCUMENTS_DIR
+    if docs.is_dir() and any(p.is_file() for p in docs.rglob("*")):
+        found.append(DOCUMENTS_DIR)
+    return found
+
+
+def remove_owned(output: Path) -> None:
+    """What `overwrite` deletes: the results and work files a run writes (OWNED), nothing else."""
+    for name in OWNED:
+        p = output / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink(missing_ok=True)
+
+
+def _start_or_resume(output: Path, cfg: CurationConfig, shards: list[Shard]) -> dict[str, Any]:
+    run_file = output / WORK_DIR / RUN_FILE
+    paths = [s.path for s in shards]
+    versions = [s.version for s in shards]
     if run_file.exists():
         run = json.loads(run_file.read_text())
-        if run["fingerprint"] != cfg.fingerprint() or run["inputs"] != paths:
-            raise ConfigError(
-                f"{work.parent} holds a run with a different config or inputs; "
-                "use another --output or delete it to start over"
+        differ = [what for what, same in (("config", run["fingerprint"] == cfg.fingerprint()),
+                                          ("inputs", run["inputs"] == paths)) if not same]
+        if differ:
+            raise OutputConflictError(
+                f"{output} holds a run with a different config or inputs (the {' and '.join(differ)} "
+                "differ); pass --overwrite to replace it, or choose another --output"
             )
+        if run.get("input_versions") != versions:
+            # Same paths, new content: the changed shards and every global result are redone
+            # (their markers no longer match), under the run's original `added` time.
+            run["input_versions"] = versions
+            atomic_write_text(run_file, json.dumps(run, indent=1))
         return run
+    if found := _foreign_results(output):
+        raise OutputConflictError(
+            f"{output} already holds curation results that no run record accounts for "
+            f"({', '.join(found)}); pass --overwrite to replace them, or choose another --output"
+        )
     run = {
         "fingerprint": cfg.fingerprint(),
         "inputs": paths,
+        "input_versions": versions,
         # One timestamp for the whole run, reused on resume, so a resumed run is byte-identical.
         "added": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z"),
         "config": cfg.to_dict(),
     }
     atomic_write_text(run_file, json.dumps(run, indent=1))
     return run
+
+
+def _clean_owned_tmp(output: Path) -> None:
+    """Temp files of a killed run: only in what a run owns, only names the writer makes."""
+    work = output / WORK_DIR
+    clean_tmp(work, recursive=False)  # run.json
+    for sub in ("stage1", "dedup", "final"):
+        clean_tmp(work / sub)
+    clean_tmp(output / DOCUMENTS_DIR)
+    clean_tmp(output, suffixes=(STATS_FILE, "report.md"), recursive=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# driver
 
 
 def curate(
@@ -253,8 +464,14 @@ def curate(
     ray_address: str | None = None,
     output_format: str | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Curate `inputs` (paths, globs, listings, URLs) into `output`; returns the stats dict."""
+    """Curate `inputs` (paths, globs, listings, URLs) into `output`; returns the stats dict.
+
+    Resumes a run of the same config and inputs in `output`; refuses one of another config or
+    inputs, or results no run record accounts for, unless `overwrite` (which first deletes what a
+    run writes there, and nothing else).
+    """
     from curation.read.inputs import expand_inputs
     from curation.report import write_report
 
@@ -263,31 +480,35 @@ def curate(
         cfg = CurationConfig.from_dict({**cfg.to_dict(), "output": {**cfg.output, "format": output_format}})
     validate_buildable(cfg)
     output = Path(output)
-    work = output / "_work"
-    work.mkdir(parents=True, exist_ok=True)
-    paths = expand_inputs(inputs, cache_dir=download_cache(cfg, work))
-    run = _start_or_resume(work, cfg, paths)
-    clean_tmp(output)
-    ctx = RunContext(config=cfg.to_dict(), work=str(work), output=str(output), added=run["added"])
-    shards = [Shard(shard_key(i, p), p) for i, p in enumerate(paths)]
+    work = output / WORK_DIR
+    with hold_output(output):
+        # Expanded before anything is removed, so a typo in --input fails with the output intact.
+        paths = expand_inputs(inputs, cache_dir=download_cache(cfg, work),
+                              allow_local_in_listings=bool(cfg.read.get("allow_local_in_listings", False)))
+        if overwrite:
+            remove_owned(output)
+        shards = [Shard(shard_key(i, p), p, input_version(p)) for i, p in enumerate(paths)]
+        run = _start_or_resume(output, cfg, shards)
+        _clean_owned_tmp(output)
+        # Readers take stats.json as "the corpus is complete"; it comes back when this run is.
+        (output / STATS_FILE).unlink(missing_ok=True)
+        ctx = RunContext(config=cfg.to_dict(), work=str(work), output=str(output), added=run["added"])
 
-    t0 = time.perf_counter()
-    ex = make_executor(executor, ray_address=ray_address, progress=progress)
-    try:
-        shard_results = ex.map(partial(process_shard, ctx), shards, desc="extract + filter")
-        stage1 = [str(work / "stage1" / f"{s.key}.parquet") for s, r in zip(shards, shard_results, strict=True)
-                  if r["rows"]]
-        drops, dedup_stats = run_dedup(ctx, stage1, ex) if cfg.dedup and stage1 else (None, [])
-        drops_path = str(work / "dedup" / "dropped.parquet") if drops is not None else ""
-        if drops is not None:
-            write_parquet_table(drops, Path(drops_path))
-        nonempty = [s for s, r in zip(shards, shard_results, strict=True) if r["rows"]]
-        final_results = ex.map(partial(write_shard, ctx, drops_path), nonempty, desc="write")
-    finally:
-        ex.shutdown()
-    stats = assemble_stats(cfg, shard_results, dedup_stats, final_results, time.perf_counter() - t0, executor)
-    atomic_write_text(output / "stats.json", json.dumps(stats, indent=1))
-    write_report(stats, output)
+        t0 = time.perf_counter()
+        ex = make_executor(executor, ray_address=ray_address, progress=progress)
+        try:
+            shard_results = ex.map(partial(process_shard, ctx), shards, desc="extract + filter")
+            phase1 = phase1_digest(ctx, shard_results)
+            nonempty = [s for s, r in zip(shards, shard_results, strict=True) if r["rows"]]
+            dedup_stats = run_dedup(ctx, nonempty, phase1, ex) if cfg.dedup and nonempty else []
+            final_results = ex.map(partial(write_shard, ctx, phase1), nonempty, desc="write")
+        finally:
+            ex.shutdown()
+        remove_stale_documents(output, {r["file"] for r in final_results if r["file"]})
+        stats = assemble_stats(cfg, shard_results, dedup_stats, final_results, time.perf_counter() - t0,
+                               executor)
+        write_report(stats, output)
+        atomic_write_text(output / STATS_FILE, json.dumps(stats, indent=1))
     return stats
 
 
@@ -322,4 +543,6 @@ def assemble_stats(cfg: CurationConfig, shard_results: list[dict], dedup_stats: 
         "languages": dict(langs.most_common()),
         "shards": [{"shard": r["shard"], "path": r["path"], "rows_after_filters": r["rows"]}
                    for r in shard_results],
+        # The corpus: every document file this run wrote, relative to the output (curation/corpus.py).
+        "files": [{"path": r["file"], "documents": r["rows"]} for r in final_results if r["file"]],
     }

@@ -11,6 +11,8 @@ import importlib
 import inspect
 from typing import Any
 
+from curation.param_types import param_error, param_hints
+
 # Per-document steps, in the order a config usually lists them.
 DOC_STEPS: dict[str, str] = {
     "extract": "curation.extract:Extract",
@@ -22,6 +24,7 @@ DOC_STEPS: dict[str, str] = {
     "fineweb": "curation.filters.fineweb:FineWebFilter",
     "language": "curation.filters.language:LanguageFilter",
     "pii": "curation.pii:PiiMasker",
+    "classify": "curation.classify:ClassifyTagger",
 }
 
 # Global steps: annotate per shard, then decide across all shards.
@@ -51,17 +54,31 @@ def resolve(name: str, table: dict[str, str]) -> type:
 
 
 def check_params(name: str, params: dict[str, Any] | None, table: dict[str, str]) -> type:
-    """Resolve a step and check its parameter names without building it (no model loads)."""
+    """Resolve a step and check its parameters without building it: names against the
+    constructor's signature, values against its type hints, then the step's own
+    `validate_params(params)` hook if it has one (it raises ValueError naming the parameter)."""
     cls = resolve(name, table)
+    params = params or {}
     sig = inspect.signature(cls.__init__)
     accepts_kwargs = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
     valid = [p for p in sig.parameters if p != "self"]
     if not accepts_kwargs:
-        for key in params or {}:
+        for key in params:
             if key not in valid:
                 raise ConfigError(
                     f"step {name!r} has no parameter {key!r}{_suggest(key, valid)}; valid: {', '.join(valid)}"
                 )
+    hints = param_hints(cls)
+    for key, value in params.items():
+        problem = param_error(value, hints[key]) if key in hints else None
+        if problem:
+            raise ConfigError(f"step `{name}`: parameter `{key}` {problem}")
+    hook = getattr(cls, "validate_params", None)
+    if hook is not None:
+        try:
+            hook(params)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"step `{name}`: {e}") from e
     return cls
 
 

@@ -2,7 +2,9 @@
 
 Output layout (the token-shard contract; `training/data.py` reads it without importing this):
 
-    OUTPUT/manifest.json          format, tokenizer, vocab_size, eos_id, dtype, shards, totals
+    OUTPUT/manifest.json          format, tokenizer, vocab_size, eos_id, dtype, shards, totals;
+                                  `complete` false (and `failed` listing why) if any input failed,
+                                  which the trainer refuses
     OUTPUT/tokenizer.json         a copy of the tokenizer used (+ tokenizer_config.json if any)
     OUTPUT/<rel>.npy              1-D uint16 (vocab <= 65,536) or uint32 tokens; EOS after every
                                   document, so boundaries survive packing
@@ -36,9 +38,10 @@ import numpy as np
 import orjson
 import pyarrow.parquet as pq
 
+from curation.corpus import curated_files
 from curation.executor import Executor, LocalExecutor
 from curation.tokenizer import TextTokenizer, load_tokenizer
-from curation.writer import atomic_write_text, tmp_path
+from curation.writer import atomic_write_text, clean_tmp, tmp_path
 
 MANIFEST_FORMAT = "refinery.tokens/1"
 CORPUS_SUFFIXES = (".parquet", ".jsonl.gz", ".json.gz", ".jsonl")
@@ -95,10 +98,18 @@ class _NpyStream:
 
 def corpus_files(corpus: str | Path, suffixes: tuple[str, ...] = CORPUS_SUFFIXES,
                  exclude: Path | None = None) -> list[Path]:
-    """Curated shards under `corpus`, sorted; hidden and `.tmp-*` files are skipped."""
+    """Corpus shards under `corpus`, sorted.
+
+    In a curation output (the output itself, its `documents/` or one source folder in it) these
+    are exactly the document files the run wrote, never its `_work/` files; elsewhere every file
+    with one of `suffixes`, hidden and `.tmp-*` files skipped.
+    """
     corpus = Path(corpus)
     if not corpus.is_dir():
         raise FileNotFoundError(f"corpus directory not found: {corpus}")
+    curated = curated_files(corpus, suffixes)
+    if curated is not None:
+        return curated
     excl = exclude.resolve() if exclude is not None else None
     files = []
     for p in sorted(corpus.rglob("*")):
@@ -123,6 +134,8 @@ def _read_docs(path: Path, batch_docs: int, skipped: Counter[str]) -> Iterator[t
     name = path.name
     if name.endswith(".parquet"):
         pf = pq.ParquetFile(path)
+        if "text" not in pf.schema_arrow.names:
+            raise ValueError(f"{path} has no 'text' column, so it is not a corpus shard")
         cols = ["text"] + (["source"] if "source" in pf.schema_arrow.names else [])
         for batch in pf.iter_batches(columns=cols, batch_size=batch_docs):
             texts = batch.column(0).to_pylist()
@@ -316,8 +329,7 @@ def tokenize_corpus(
         raise FileNotFoundError(f"no corpus shards ({', '.join(suffixes)}) under {corpus}")
 
     output.mkdir(parents=True, exist_ok=True)
-    for stale in output.rglob(".tmp-*"):  # left by a killed run
-        stale.unlink(missing_ok=True)
+    clean_tmp(output, suffixes=(".npy", ".done", ".json"))  # left by a killed run; only our names
     tok_copy = output / "tokenizer.json"
     assert tok.path is not None
     if tok_copy.is_file() and tok_copy.resolve() != tok.path.resolve() \
@@ -369,6 +381,9 @@ def tokenize_corpus(
         "total_text_bytes": sum(s["text_bytes"] for s in shards),
         "skipped_documents": dict(sorted(skipped.items())),
         "shards": shards,
+        # A run with failed inputs still records what it did (a rerun redoes only those), but
+        # the manifest says it is incomplete and the trainer refuses it.
+        "complete": not failed,
         "failed": failed,
     }
     manifest_path = output / "manifest.json"

@@ -24,6 +24,7 @@ import orjson
 import pyarrow.parquet as pq
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from curation.corpus import curated_files
 from curation.writer import atomic_write_text, tmp_path
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
@@ -47,12 +48,17 @@ def _is_text_file(p: Path) -> bool:
 
 
 def input_files(inputs: Iterable[str | Path]) -> list[Path]:
-    """Expand inputs (files or directories searched recursively) into a sorted file list."""
+    """Expand inputs (files or directories searched recursively) into a sorted file list.
+
+    A directory of a curation output yields exactly the document files its run wrote (see
+    `curation.corpus`), never its `_work/` files.
+    """
     files: list[Path] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if _is_text_file(f))
+            curated = curated_files(p, TEXT_SUFFIXES)
+            found = curated if curated is not None else sorted(f for f in p.rglob("*") if _is_text_file(f))
             if not found:
                 raise FileNotFoundError(f"no text files ({', '.join(TEXT_SUFFIXES)}) under {p}")
             files.extend(found)
@@ -71,6 +77,8 @@ def iter_texts(path: str | Path) -> Iterator[str]:
     name = path.name
     if name.endswith(".parquet"):
         pf = pq.ParquetFile(path)
+        if "text" not in pf.schema_arrow.names:
+            raise ValueError(f"{path} has no 'text' column, so it is not a corpus shard")
         for batch in pf.iter_batches(columns=["text"], batch_size=1024):
             yield from (t for t in batch.column(0).to_pylist() if t)
     elif name.endswith((".jsonl.gz", ".json.gz", ".jsonl")):

@@ -1,13 +1,14 @@
 """Writes documents to Parquet (zstd) or Dolma `*.jsonl.gz`, atomically (temp name, then rename).
 
 A reader never sees a half-written shard: the file appears under its final name only once it is
-complete, and a crash leaves only `.tmp-*` files, which a rerun deletes.
+complete, and a crash leaves only `.tmp-<pid>-<final name>` files, which a rerun deletes.
 """
 
 from __future__ import annotations
 
 import gzip
 import os
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -36,15 +37,30 @@ def dumps(obj: Any) -> str:
     return orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS).decode()
 
 
+# What the stages write under a temporary name: shards, markers, tables, reports, token files.
+WRITTEN_SUFFIXES = (".parquet", ".jsonl.gz", ".json", ".md", ".npy", ".done")
+_TMP_NAME = re.compile(r"\.tmp-\d+-(?P<final>.+)")
+
+
 def tmp_path(final: Path) -> Path:
     return final.with_name(f".tmp-{os.getpid()}-{final.name}")
 
 
-def clean_tmp(directory: Path) -> None:
-    """Remove temp files left by a killed run."""
-    if directory.is_dir():
-        for p in directory.rglob(".tmp-*"):
+def clean_tmp(directory: Path, suffixes: tuple[str, ...] = WRITTEN_SUFFIXES, recursive: bool = True) -> list[Path]:
+    """Remove temp files a killed writer left in `directory`; returns them.
+
+    Only names `tmp_path` makes (`.tmp-<pid>-<final name>`, the final name ending with one of
+    `suffixes`) are touched: a user's `.tmp-draft.txt` in the same folder is not ours to delete.
+    """
+    if not directory.is_dir():
+        return []
+    removed = []
+    for p in directory.rglob(".tmp-*") if recursive else directory.glob(".tmp-*"):
+        m = _TMP_NAME.fullmatch(p.name)
+        if m and m["final"].endswith(suffixes) and p.is_file():
             p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
 
 
 def atomic_write_text(final: Path, text: str) -> None:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -20,6 +23,8 @@ def _add_executor(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="refinery", description=__doc__)
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error instead of one line")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("curate", help="WARC/ARC/WET files → a clean, deduplicated corpus")
@@ -28,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="paths, globs, warc.paths.gz listings, https:// or s3:// URLs")
     p.add_argument("--output", "-o", required=True, help="output directory (resumes if it holds this run)")
     p.add_argument("--format", choices=["parquet", "dolma"], default=None, help="override output.format")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace what an earlier run wrote in --output (documents/, stats.json, report, "
+                        "_work/) instead of refusing another config or inputs; other files stay")
     _add_executor(p)
 
     tok = sub.add_parser("tokenizer", help="tokenizer utilities")
@@ -43,8 +51,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", required=True)
     _add_executor(p)
 
+    chat = sub.add_parser("chat", help="chat / instruction / preference data")
+    chatsub = chat.add_subparsers(dest="chat_command", required=True)
+    p = chatsub.add_parser("tokenize", help="chat or preference files → masked token shards + manifest.json")
+    p.add_argument("--input", "-i", nargs="+", required=True, help="JSON / JSON-lines files or directories")
+    p.add_argument("--format", default="auto",
+                   choices=["auto", "messages", "alpaca", "gpteacher", "self-instruct", "completion", "hh"])
+    p.add_argument("--tokenizer", required=True, help="tokenizer.json with the chat role tokens")
+    p.add_argument("--output", "-o", required=True, help="shard directory (resumes if it holds this run)")
+    p.add_argument("--max-len", type=int, default=1024, help="drop conversations longer than this many tokens")
+    p.add_argument("--kind", choices=["chat", "preference"], default=None,
+                   help="default: preference if every input holds chosen/rejected pairs, else chat")
+    p.add_argument("--holdout", type=float, default=0.0, help="fraction written to OUTPUT/heldout")
+    p.add_argument("--seed", type=int, default=0, help="seed of the held-out split")
+
+    from training.objectives import STAGE_OBJECTIVES  # a table of names: imports no torch
+
     p = sub.add_parser("train", help="run a training stage from a YAML config")
-    p.add_argument("stage", choices=["pretrain", "midtrain"])
+    p.add_argument("stage", choices=list(STAGE_OBJECTIVES), help="the objective (training/objectives/)")
     p.add_argument("config", help="training YAML, e.g. training/configs/pretrain_tiny.yaml")
     p.add_argument("overrides", nargs="*", help="dotted overrides: optim.lr=3e-4 train.steps=100")
 
@@ -52,6 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="checkpoint directory (or a training run directory)")
     p.add_argument("--output", "-o", required=True)
     p.add_argument("--tokenizer", default=None)
+    p.add_argument("--force", action="store_true", help="replace a non-empty output directory whole")
+
+    p = sub.add_parser("merge", help="base model + LoRA adapter → merged Hugging Face Llama export")
+    p.add_argument("base", help="the adapter's base: a checkpoint (run/step dir) or a Hugging Face Llama dir")
+    p.add_argument("adapter", help="PEFT adapter dir (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--output", "-o", required=True)
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the one beside base or adapter)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty output directory whole")
 
     p = sub.add_parser("import", help="Hugging Face Llama checkpoint → refinery checkpoint")
     p.add_argument("hf_dir")
@@ -67,9 +99,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--greedy", action="store_true")
     p.add_argument("--seed", type=int, default=0)
 
-    p = sub.add_parser("demo", help="the main job on sample data: curate on local Ray, then train")
+    from pipelines.run import STAGE_NAMES
+
+    p = sub.add_parser("run", help="every stage, WARCs to an exported post-trained model and a report")
+    p.add_argument("config", nargs="?", default=None, help="run YAML (default: pipelines/configs/quickstart.yaml)")
+    p.add_argument("--input", "-i", nargs="+", default=None,
+                   help="WARC paths, globs, listings, https:// URLs or a crawl name (CC-MAIN-2024-22)")
+    p.add_argument("--output", "-o", default=None, help="output directory (default: the config's `output`)")
+    p.add_argument("--data", default=None, help="the sample data folder (default: ../shared/data)")
+    p.add_argument("--from", dest="start", choices=STAGE_NAMES, default=None,
+                   help="rerun this stage and the ones after it (the ones before must be done)")
+    p.add_argument("--until", choices=STAGE_NAMES, default=None, help="stop after this stage")
+
+    p = sub.add_parser("ablate", help="the data-quality proof: raw vs curated vs curated+mixed, equal models")
+    p.add_argument("config", nargs="?", default=None, help="run YAML (default: pipelines/configs/quickstart.yaml)")
+    p.add_argument("--input", "-i", nargs="+", default=None, help="as for `refinery run`")
+    p.add_argument("--output", "-o", default=None, help="output directory (default: the config's `output`)")
+    p.add_argument("--data", default=None, help="the sample data folder (default: ../shared/data)")
+
+    p = sub.add_parser("demo", help="`refinery run` of the quickstart on the sample data (an alias)")
     p.add_argument("--output", "-o", default="demo_out")
     p.add_argument("--data", default=None, help="the shared data folder (default: ../shared/data)")
+
+    from pipelines.mix import add_parsers as add_mix_parsers  # `classify ...` and `mix ...`
+
+    add_mix_parsers(sub, _add_executor)
+    from pipelines.synth.cli import add_parsers as add_synth_parsers  # `synth spec`
+
+    add_synth_parsers(sub)
     return parser
 
 
@@ -79,35 +136,146 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     progress = not args.quiet
+    try:
+        return _dispatch(args, progress)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("refinery: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except Exception as e:
+        failure = user_error(e)
+        if failure is None or args.debug:
+            raise
+        message, code = failure
+        print(f"refinery: error: {message}", file=sys.stderr)
+        return code
+
+
+def user_error(e: BaseException) -> tuple[str, int] | None:
+    """One line and an exit status for an error the user can fix (2: the command or its inputs,
+    1: the machine, e.g. a full disk), or None for a bug, which keeps its traceback."""
+    # A Ray task re-raises the task's exception wrapped, with the remote traceback in its text.
+    ray_exceptions = sys.modules.get("ray.exceptions")
+    if ray_exceptions is not None and isinstance(e, ray_exceptions.RayTaskError) and e.cause is not None:
+        e = e.cause
+    from curation.executor import RayUnavailableError
     from curation.registry import ConfigError
 
-    try:
-        if args.command in ("train", "export", "import", "generate"):
-            from training.checkpoint import CheckpointError
+    user_classes: list[type[BaseException]] = [ConfigError, RayUnavailableError, ValueError]
+    # Training's errors count only if training ran (imported): importing it here costs seconds.
+    if "training.checkpoint" in sys.modules:
+        user_classes.append(sys.modules["training.checkpoint"].CheckpointError)
+    if "yaml" in sys.modules:
+        user_classes.append(sys.modules["yaml"].YAMLError)
+    if isinstance(e, tuple(user_classes)):
+        return _one_line(str(e)), 2
+    if not isinstance(e, OSError):
+        return None
+    path = e.filename
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"disk full{f' at {path}' if path else ''}; free some space or choose another --output", 1
+    usage = isinstance(e, FileNotFoundError | PermissionError | IsADirectoryError | NotADirectoryError
+                       | FileExistsError)
+    if path is None:  # raised with a message of its own
+        return _one_line(str(e)) + ("" if usage else " (rerun with --debug for the traceback)"), 2 if usage else 1
+    if isinstance(e, FileNotFoundError):
+        return f"no such file or directory: {path}", 2
+    if isinstance(e, PermissionError):
+        return f"permission denied: {path}; check its permissions or choose another path", 2
+    if isinstance(e, IsADirectoryError):
+        return f"{path} is a directory; give a file", 2
+    if isinstance(e, NotADirectoryError):
+        return f"{path}: part of this path is a file, not a directory; choose another path", 2
+    if isinstance(e, FileExistsError):
+        return f"{path} already exists; choose another path or remove it", 2
+    return f"{e.strerror or type(e).__name__}: {path} (rerun with --debug for the traceback)", 1
 
-            try:
-                return _dispatch(args, progress)
-            except CheckpointError as e:  # a missing or unreadable checkpoint is the user's input
-                raise ValueError(str(e)) from e
-        return _dispatch(args, progress)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"refinery: error: {e}", file=sys.stderr)
-        return 2
+
+def _one_line(message: str) -> str:
+    return " ".join(message.split()) or "unknown error (rerun with --debug for the traceback)"
+
+
+# A run that loses more than this share of what it read to errors (not to filters) failed.
+MAX_ERROR_LOSS = 0.5
+
+
+def curate_verdict(stats: dict[str, Any], report: Path) -> tuple[list[str], int]:
+    """The stderr lines and exit status a finished curate run deserves: read errors are a warning;
+    inputs that could not be opened, a run that kept nothing, or one that lost most documents to
+    errors exit 1, so a script or scheduler sees the failure without reading the report."""
+    lines: list[str] = []
+    code = 0
+    steps = stats["steps"]
+    reader = steps[0] if steps and steps[0]["name"] == "read" else None
+    read_errors = {k: v for k, v in (reader or {}).get("errors", {}).items() if k != "read.unavailable"}
+    if read_errors:
+        from curation.step import StepStats
+
+        # Files are named in the error samples, which are capped: past the cap, count at least.
+        samples = reader["samples"] if reader else []
+        files = len({s["file"] for s in samples if s.get("kind") in read_errors and "file" in s})
+        files = files or min(sum(read_errors.values()), stats["input_files"])
+        some = "at least " if len(samples) >= StepStats.MAX_SAMPLES else ""
+        lines.append(f"refinery: warning: {some}{files} of {stats['input_files']} input files had read "
+                     f"errors ({_counts(read_errors)}); see {report}")
+    if stats["inputs_unavailable"]:
+        lines.append(f"refinery: warning: {len(stats['inputs_unavailable'])} inputs could not be opened; "
+                     "rerun the same command to retry them")
+        code = 1
+    read, kept = stats["documents_read"], stats["documents_written"]
+    # Drops by errors (extract.error, extract.timeout, <step>.error), not by a filter's decision.
+    lost: Counter[str] = Counter()
+    for step in steps[1:]:
+        lost.update({r: n for r, n in step["dropped"].items() if r.endswith((".error", ".timeout"))})
+    if read and sum(lost.values()) > MAX_ERROR_LOSS * read:
+        share = 100 * sum(lost.values()) / read
+        lines.append(f"refinery: error: {sum(lost.values()):,} of {read:,} documents ({share:.0f}%) were lost "
+                     f"to errors ({_counts(lost)}); see the error samples in {report}")
+        code = 1
+    elif not kept:
+        if not read:
+            n = stats["input_files"]
+            why = f"no documents were read from {n} input file{'s' if n != 1 else ''}"
+        else:
+            drops: Counter[str] = Counter()
+            for step in steps[1:]:
+                drops.update(step["dropped"])
+            why = f"all {read:,} documents read were dropped ({_counts(drops)})"
+        lines.append(f"refinery: error: the run kept no documents: {why}; see {report}")
+        code = 1
+    return lines, code
+
+
+def _counts(counter: dict[str, int], top: int = 3) -> str:
+    ranked = Counter(counter).most_common()
+    shown = ", ".join(f"{k} {v:,}" for k, v in ranked[:top])
+    return shown + (f", {len(ranked) - top} more" if len(ranked) > top else "")
 
 
 def _dispatch(args: argparse.Namespace, progress: bool) -> int:
+    if args.command in ("classify", "mix"):
+        from pipelines.mix import run as run_mix
+
+        return run_mix(args, progress)
+    if args.command == "synth":
+        from pipelines.synth.cli import run as run_synth
+
+        return run_synth(args, progress)
     if args.command == "curate":
+        from curation.config import CurationConfig, check_extract_for_inputs
         from curation.pipeline import curate
 
+        check_extract_for_inputs(CurationConfig.load(args.config), args.input)
         stats = curate(args.config, args.input, args.output, executor=args.executor,
-                       ray_address=args.ray_address, output_format=args.format, progress=progress)
+                       ray_address=args.ray_address, output_format=args.format, progress=progress,
+                       overwrite=args.overwrite)
         print(f"{stats['documents_read']:,} documents read, {stats['documents_written']:,} written to "
               f"{args.output} in {stats['wall_seconds']} s; report: {Path(args.output) / 'report.md'}")
-        if stats["inputs_unavailable"]:
-            print(f"refinery: warning: {len(stats['inputs_unavailable'])} inputs could not be opened; "
-                  "rerun the same command to retry them", file=sys.stderr)
-            return 1
-        return 0
+        lines, code = curate_verdict(stats, Path(args.output) / "report.md")
+        for line in lines:
+            print(line, file=sys.stderr)
+        return code
     if args.command == "tokenizer":
         from curation.tokenizer import train_tokenizer
 
@@ -129,8 +297,15 @@ def _dispatch(args: argparse.Namespace, progress: bool) -> int:
                   file=sys.stderr)
             return 1
         return 0
+    if args.command == "chat":
+        from training.chat import tokenize_chat
+
+        summary = tokenize_chat(args.input, args.tokenizer, args.output, fmt=args.format, kind=args.kind,
+                                max_len=args.max_len, holdout=args.holdout, seed=args.seed, progress=progress)
+        print(f"{summary['summary']} → {args.output}")
+        return 0
     if args.command == "train":
-        from training.loop import train_from_cli
+        from training.engine import train_from_cli
 
         summary = train_from_cli(args.stage, args.config, args.overrides)
         print({k: v for k, v in summary.items() if not isinstance(v, list | dict)})
@@ -138,8 +313,14 @@ def _dispatch(args: argparse.Namespace, progress: bool) -> int:
     if args.command == "export":
         from training.export import export_checkpoint
 
-        out = export_checkpoint(args.checkpoint, args.output, tokenizer_path=args.tokenizer)
+        out = export_checkpoint(args.checkpoint, args.output, tokenizer_path=args.tokenizer, force=args.force)
         print(f"exported to {out}")
+        return 0
+    if args.command == "merge":
+        from training.adapters import merge_to_hf
+
+        out = merge_to_hf(args.base, args.adapter, args.output, tokenizer_path=args.tokenizer, force=args.force)
+        print(f"merged {args.adapter} into {args.base} → {out}")
         return 0
     if args.command == "import":
         from training.export import import_to_checkpoint
@@ -154,10 +335,20 @@ def _dispatch(args: argparse.Namespace, progress: bool) -> int:
                             max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_p=args.top_p, greedy=args.greedy, seed=args.seed))
         return 0
-    if args.command == "demo":
-        from pipelines.demo import run_demo
+    if args.command in ("run", "demo"):
+        from pipelines.run import run_pipeline
 
-        run_demo(Path(args.output), Path(args.data) if args.data else None, progress=progress)
+        if args.command == "demo":
+            run_pipeline(None, output=args.output, data=args.data, progress=progress)
+        else:
+            run_pipeline(args.config, output=args.output, inputs=args.input, data=args.data, start=args.start,
+                         until=args.until, progress=progress)
+        return 0
+    if args.command == "ablate":
+        from pipelines.ablate import markdown_of, run_ablate
+
+        print(markdown_of(run_ablate(args.config, output=args.output, inputs=args.input, data=args.data,
+                                     progress=progress)))
         return 0
     raise AssertionError(args.command)
 

@@ -56,3 +56,29 @@ def shakespeare_tokens(shared_data: Path, tmp_path_factory: pytest.TempPathFacto
         tokenize_corpus(root / f"{name}_txt", tok, root / name, suffixes=(".txt",))
         out[name] = root / name
     return out
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizer(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 512-token BPE tokenizer.json (with the reserved role tokens <|user|>, <|assistant|>, <|end|>, ...)
+    trained on a slice of tiny-shakespeare, for chat data and post-training tests."""
+    from curation.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("chat_tokenizer")
+    return train_tokenizer([shared_data / "text" / "tinyshakespeare" / "input.txt"], 512,
+                           root / "tokenizer.json", max_chars=300_000)
+
+
+@pytest.fixture(scope="session")
+def arith_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The RL tests' -Zero base and SFT model on synthetic arithmetic (tests/rl_fixtures.py): built once
+    per session, ~45 s on a loaded 2-core machine."""
+    import torch
+    from rl_fixtures import build_arith_models
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return build_arith_models(tmp_path_factory.mktemp("arith_models"))
+    finally:
+        torch.set_num_threads(before)

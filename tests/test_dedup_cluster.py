@@ -3,6 +3,7 @@ determinism across shard order and executors, verification of candidates, and th
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 from dataclasses import replace
@@ -13,7 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from curation.dedup.cluster import connected_components, read_rows, survivor_index
+from curation.dedup.cluster import read_partition, read_rows, survivor_index
+from curation.dedup.components import EDGE_SCHEMA, label_components, node_labels, step_dir, write_edges
 from curation.dedup.exact import ExactDedup
 from curation.dedup.minhash import MinHashDedup, jaccard, shingle_sets, words
 from curation.document import Document
@@ -128,6 +130,71 @@ def test_result_does_not_depend_on_shard_order_or_bucket_cap(planted: dict, tmp_
     assert first.equals(capped)
 
 
+def _s_curve(j: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """Probability that a pair at Jaccard j shares at least one band: 1 - (1 - j^rows)^bands."""
+    return 1 - (1 - j**rows) ** bands
+
+
+@pytest.fixture(scope="module")
+def threshold_band(shared_data: Path) -> dict:
+    """400 real C4 pages (at least 200 words) and, for each, a copy edited to a word-5-gram Jaccard
+    in [0.75, 0.85]: the neighbourhood of the 0.8 threshold, where LSH is least sure. Copies are
+    the pages' words with some replaced by words of other pages; originals are older."""
+    c4 = shared_data / "web_text" / "c4_en_sample"
+    with open(c4 / "c4_en_train_first1000.jsonl") as f:
+        texts = [json.loads(line)["text"] for line in f]
+    with gzip.open(c4 / "c4-sample.00000-of-00001.json.gz", "rt") as f:
+        texts += [json.loads(line)["text"] for line in f]
+    texts = [t for t in texts if len(words(t)) >= 200][:400]
+    vocab = sorted({w for t in texts for w in words(t)})
+    rng = np.random.default_rng(7)
+    docs, jac = [], {}
+    for i, text in enumerate(texts):
+        ws = words(text)
+        shingles = len(ws) - 4
+        target = rng.uniform(0.75, 0.85)
+        # k words replaced far apart change 5k shingles each way: J = (S - 5k) / (S + 5k)
+        k = round(shingles * (1 - target) / (5 * (1 + target)))
+        positions = rng.choice(len(ws), len(ws), replace=False)
+        for _ in range(20):
+            edited = list(ws)
+            for p in positions[:k]:
+                edited[p] = vocab[rng.integers(len(vocab))]
+            copy = " ".join(edited)
+            j = jaccard(*shingle_sets([text, copy], 5))
+            if 0.75 <= j <= 0.85:
+                break
+            k += 1 if j > 0.85 else -1
+        else:
+            continue
+        docs += [Document(id=f"orig-{i:03d}", text=text, source="c4", created="2019-04-01"),
+                 Document(id=f"copy-{i:03d}", text=copy, source="c4", created="2021-01-01")]
+        jac[f"copy-{i:03d}"] = j
+    return {"docs": docs, "jaccard": jac}
+
+
+@pytest.mark.integration
+def test_pairs_near_the_threshold_are_caught_as_the_s_curve_predicts_and_never_below_it(
+    threshold_band: dict, tmp_path: Path
+) -> None:
+    step = MinHashDedup(partitions=4)  # the default: 26 bands × 11 rows, true Jaccard ≥ 0.8
+    shards = write_shards(tmp_path / "s", threshold_band["docs"], 4, [step])
+    out = step.find_duplicates(shards, tmp_path / "w", LOCAL)
+    jac = threshold_band["jaccard"]
+    j = np.array(list(jac.values()))
+    positive = {c for c, x in jac.items() if x >= 0.8}
+    assert len(jac) >= 380 and 0.3 < len(positive) / len(jac) < 0.7  # both sides of 0.8 are sampled
+    dropped = out["id"].to_pylist()
+    # precision: only copies at or above the threshold drop, each for its own original
+    assert set(dropped) <= positive and len(dropped) == len(set(dropped))
+    assert all(d == "orig-" + c[5:] for c, d in zip(dropped, out["duplicate_of"].to_pylist(), strict=True))
+    # below the threshold, most pairs were candidates, and verification kept them apart
+    assert step.stats.counters["dedup_minhash.false_candidates"] >= 0.5 * (len(jac) - len(positive))
+    # recall: what the S-curve predicts for these pairs, within 3 standard deviations
+    p = _s_curve(j[j >= 0.8], 26, 11)
+    assert len(dropped) >= p.sum() - 3 * np.sqrt((p * (1 - p)).sum())
+
+
 def test_candidate_pair_below_the_jaccard_threshold_is_kept(tmp_path: Path) -> None:
     rng = np.random.default_rng(3)
     vocab = [f"w{i}" for i in range(5000)]
@@ -163,7 +230,22 @@ def test_an_empty_shard_changes_nothing(tmp_path: Path) -> None:
     pq.write_table(pq.read_table(shards[0]).slice(0, 0), empty)
     for step in (MinHashDedup(), ExactDedup()):
         out = step.find_duplicates([str(empty), *shards], tmp_path / "w", LOCAL)
-        assert out.to_pylist() == [{"id": "a", "reason": step.reason, "duplicate_of": "b"}]
+        assert out.to_pylist() == [{"shard": shards[0], "row": 0, "id": "a", "reason": step.reason,
+                                    "duplicate_of": "b"}]
+
+
+def test_near_copies_that_share_an_id_keep_exactly_one_row(tmp_path: Path) -> None:
+    words_ = " ".join(f"w{i}" for i in range(60))
+    docs = [Document(id="p1", text=words_, source="t", created="2020-01-01"),
+            Document(id="p2", text="nothing alike at all here", source="t", created="2020-01-01")]
+    step = MinHashDedup(partitions=2)
+    # the same archive under two names: both shards hold the same rows with the same ids
+    shards = [write_phase1(tmp_path / f"{name}.parquet", docs, [step]) for name in ("x", "y")]
+    out = step.find_duplicates(shards[::-1], tmp_path / "w", LOCAL)
+    # dates and ids tie, so the row key decides: the copies in the first shard (by path) stay
+    assert [(r["shard"], r["row"], r["id"], r["duplicate_of"]) for r in out.to_pylist()] == [
+        (shards[1], 0, "p1", "p1"), (shards[1], 1, "p2", "p2")]
+    assert step.stats.counters["dedup_minhash.clusters"] == 2
 
 
 @pytest.mark.integration
@@ -187,9 +269,21 @@ def test_local_and_ray_executors_give_the_same_drops(planted: dict, tmp_path: Pa
     assert local_e.equals(ray_e)
 
 
-def test_components_are_labelled_by_their_smallest_key() -> None:
-    nodes, root = connected_components(np.array([9, 3, 20]), np.array([3, 7, 21]))
-    assert dict(zip(nodes.tolist(), root.tolist(), strict=True)) == {3: 3, 7: 3, 9: 3, 20: 20, 21: 20}
+def components_of(a: np.ndarray, b: np.ndarray, root: Path, partitions: int = 3) -> dict[int, int]:
+    """Node → label, by the distributed components (edges written by several sources)."""
+    for source, (lo, hi) in enumerate([(0, len(a) // 2), (len(a) // 2, len(a))]):
+        write_edges(a[lo:hi], b[lo:hi], step_dir(root, 0), partitions, source)
+    final = label_components(root, partitions, LOCAL)
+    labels: dict[int, int] = {}
+    for p in range(partitions):
+        nodes, label = node_labels(read_partition(final, p, EDGE_SCHEMA))
+        labels.update(zip(nodes.tolist(), label.tolist(), strict=True))
+    return labels
+
+
+def test_components_are_labelled_by_their_smallest_key(tmp_path: Path) -> None:
+    labels = components_of(np.array([9, 3, 20]), np.array([3, 7, 21]), tmp_path)
+    assert labels == {3: 3, 7: 3, 9: 3, 20: 20, 21: 20}
 
 
 def test_survivor_rule_orders_by_date_then_id() -> None:

@@ -53,10 +53,10 @@ def test_copies_across_shards_drop_and_the_earliest_stays(tmp_path: Path) -> Non
         doc("b3", "Another unique page, about cooking.", "2019-01-01"),
     ], step)
     out = step.find_duplicates([s1, s2], tmp_path / "work", LocalExecutor(progress=False))
-    assert out.column_names == ["id", "reason", "duplicate_of"]
+    assert out.column_names == ["shard", "row", "id", "reason", "duplicate_of"]
     assert out.to_pylist() == [
-        {"id": "a1", "reason": "dedup.exact", "duplicate_of": "b1"},
-        {"id": "b2", "reason": "dedup.exact", "duplicate_of": "b1"},
+        {"shard": s1, "row": 0, "id": "a1", "reason": "dedup.exact", "duplicate_of": "b1"},
+        {"shard": s2, "row": 1, "id": "b2", "reason": "dedup.exact", "duplicate_of": "b1"},
     ]
     assert step.stats.counters["dedup_exact.groups"] == 1
 
@@ -71,6 +71,19 @@ def test_latest_rule_keeps_the_newest_copy_and_ties_go_to_the_smallest_id(tmp_pa
     ], step)
     out = step.find_duplicates([shard], tmp_path / "work", LocalExecutor(progress=False))
     assert {r["id"]: r["duplicate_of"] for r in out.to_pylist()} == {"x0": "x1", "x2": "x1", "x3": "x1"}
+
+
+def test_copies_that_share_an_id_keep_exactly_one_row(tmp_path: Path) -> None:
+    # The same archive given under two names: every document twice, with the same id.
+    docs = [doc("r1", "A page about rivers.", "2021-01-01"), doc("r2", "A page about lakes.", "2021-01-01")]
+    s1 = write_phase1(tmp_path / "a.parquet", docs, ExactDedup())
+    s2 = write_phase1(tmp_path / "b.parquet", docs, ExactDedup())
+    step = ExactDedup(partitions=2)
+    out = step.find_duplicates([s2, s1], tmp_path / "work", LocalExecutor(progress=False))
+    # Dates and ids tie, so the row key decides: the copy in the first shard (by path) stays.
+    assert [(r["shard"], r["row"], r["id"], r["duplicate_of"]) for r in out.to_pylist()] == [
+        (s2, 0, "r1", "r1"), (s2, 1, "r2", "r2")]
+    assert step.stats.counters["dedup_exact.groups"] == 2
 
 
 def test_rows_without_a_hash_are_counted_not_fatal(tmp_path: Path) -> None:

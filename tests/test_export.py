@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from training.export import export_hf, import_hf
+from training.export import ExportError, export_hf, import_hf
 from training.model import ModelConfig, Transformer
 
 transformers = pytest.importorskip("transformers")
@@ -91,9 +91,19 @@ def test_import_reads_a_sharded_checkpoint_saved_by_transformers(tmp_path: Path)
         assert (ours(ids) - hf(ids).logits).abs().max().item() <= PARITY_ATOL
 
 
+def word_tokenizer(path: Path, n_tokens: int) -> Path:
+    """A word-level tokenizer.json with ids 0..n_tokens-1."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"[UNK]": 0, **{f"w{i}": i for i in range(1, n_tokens)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(path))
+    return path
+
+
 def test_export_writes_config_ids_dtype_and_tokenizer(tmp_path: Path) -> None:
-    tokenizer = tmp_path / "tok.json"
-    tokenizer.write_text('{"version": "1.0"}')
+    tokenizer = word_tokenizer(tmp_path / "tok.json", 101)
     out = export_hf(Transformer(tiny()), tmp_path / "hf", tokenizer_path=tokenizer, dtype=torch.bfloat16,
                     bos_id=1, eos_id=2, pad_id=0)
     config = json.loads((out / "config.json").read_text())
@@ -102,7 +112,7 @@ def test_export_writes_config_ids_dtype_and_tokenizer(tmp_path: Path) -> None:
     assert config["torch_dtype"] == "bfloat16"
     assert (out / "tokenizer.json").read_text() == tokenizer.read_text()
     assert load_file(out / "model.safetensors")["model.norm.weight"].dtype == torch.bfloat16
-    assert not list(out.glob(".*.tmp"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "tok.json"]  # no temporaries left
 
 
 def test_export_accepts_a_wrapped_training_state_dict(tmp_path: Path) -> None:
@@ -146,3 +156,100 @@ def test_import_builds_the_model_in_the_requested_or_stored_dtype(tmp_path: Path
     assert back.rope_cos.dtype == torch.float32  # rotary tables stay float32, cast per use
     tied = import_hf(export_hf(Transformer(tiny()), tmp_path / "tied"), dtype=dtype)
     assert tied.lm_head.weight is tied.embed_tokens.weight
+
+
+# ------------------------------------------------------------------ a clean, complete export or none
+
+
+def test_export_refuses_a_directory_with_other_files_unless_forced(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ExportError, match=r"out is not empty \(notes.txt\).*--force"):
+        export_hf(Transformer(tiny()), out)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    export_hf(Transformer(tiny()), out, force=True)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]  # replaced whole
+
+
+def test_reexport_over_an_earlier_export_leaves_no_stale_tokenizer(tmp_path: Path) -> None:
+    out = tmp_path / "hf"
+    export_hf(Transformer(tiny()), out, tokenizer_path=word_tokenizer(tmp_path / "tok.json", 101))
+    export_hf(Transformer(tiny(vocab_size=300)), out)  # as the trainer does with its hf/ on a rerun
+    assert not (out / "tokenizer.json").exists()
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 300
+
+
+def test_export_command_refuses_a_non_empty_directory_or_a_file_without_force(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from pipelines.cli import main
+    from training.checkpoint import write_model_checkpoint
+
+    small, large = Transformer(tiny()), Transformer(tiny(vocab_size=300))
+    ckpt_small = write_model_checkpoint(tmp_path / "small", small.state_dict(), small.cfg.to_dict())
+    ckpt_large = write_model_checkpoint(tmp_path / "large", large.state_dict(), large.cfg.to_dict())
+    out = tmp_path / "hf"
+    tok = word_tokenizer(tmp_path / "tok.json", 101)
+    assert main(["-q", "export", str(ckpt_small), "-o", str(out), "--tokenizer", str(tok)]) == 0
+    capsys.readouterr()
+    assert main(["-q", "export", str(ckpt_large), "-o", str(out)]) == 2
+    assert "is not empty" in capsys.readouterr().err
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 101  # untouched
+    assert main(["-q", "export", str(ckpt_large), "-o", str(out), "--force"]) == 0
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 300
+    assert not (out / "tokenizer.json").exists()  # the small model's tokenizer went with it
+    (tmp_path / "file").write_text("")
+    capsys.readouterr()
+    assert main(["-q", "export", str(ckpt_small), "-o", str(tmp_path / "file")]) == 2
+    assert "is a file" in capsys.readouterr().err
+
+
+def test_exported_files_are_readable_by_others(tmp_path: Path) -> None:
+    out = export_hf(Transformer(tiny()), tmp_path / "hf", tokenizer_path=word_tokenizer(tmp_path / "t.json", 101))
+    assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == {
+        "model.safetensors": 0o644, "config.json": 0o644, "tokenizer.json": 0o644}
+    assert out.stat().st_mode & 0o777 == 0o755
+
+
+def test_export_refuses_a_tokenizer_with_ids_beyond_the_vocabulary(tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match=r"token ids up to 199 but the model's vocab_size is 101"):
+        export_hf(Transformer(tiny()), tmp_path / "hf", tokenizer_path=word_tokenizer(tmp_path / "t.json", 200))
+    assert not (tmp_path / "hf").exists()
+
+
+def test_a_full_disk_during_export_says_so_and_keeps_the_earlier_export(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from safetensors import SafetensorError
+
+    from training import export
+    from training.checkpoint import CheckpointError
+
+    out = export_hf(Transformer(tiny()), tmp_path / "hf")
+    before = (out / "model.safetensors").read_bytes()
+
+    def full(tensors: object, path: str, metadata: object = None) -> None:
+        Path(path).write_bytes(b"partial")
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
+                              'message: "No space left on device" })')
+
+    monkeypatch.setattr(export, "save_file", full)
+    with pytest.raises(CheckpointError, match=rf"disk full: cannot write into {tmp_path}\b"):
+        export_hf(Transformer(tiny()), out)
+    assert (out / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # the partial export is gone
+
+
+@pytest.mark.parametrize(("config", "message"), [
+    ({"architectures": ["BertForMaskedLM"], "model_type": "bert", "hidden_size": 8},
+     r"names BertForMaskedLM \(model_type='bert'\); only LlamaForCausalLM is supported"),
+    ({"_class_name": "UNet2DConditionModel", "in_channels": 4},  # no architecture at all: was a KeyError
+     r"names no architecture \(model_type=None\); only LlamaForCausalLM is supported"),
+    ({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 8},
+     r"lacks \['hidden_size', 'num_attention_heads'"),
+])
+def test_import_of_another_architecture_says_which_it_found(tmp_path: Path, config: dict[str, object],
+                                                            message: str) -> None:
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ExportError, match=message):
+        import_hf(tmp_path)

@@ -1,5 +1,6 @@
-"""Extract: decoding, main-text extraction, counted drops, the per-page time limit, and the score
-of both extractors on the trafilatura evaluation set (../shared/data/extraction/evaldata.json)."""
+"""Extract: decoding, main-text extraction, counted drops, the per-page time limit (enforced on C
+code by killing the extraction process), and the score of both extractors on the trafilatura
+evaluation set (../shared/data/extraction/evaldata.json)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ import re
 import signal
 import threading
 import time
+from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from curation.document import Document
-from curation.extract import Extract, ExtractTimeout, decode_html, run_with_timeout
+from curation.extract import Extract, ExtractorUnavailable, _resiliparse_text, decode_html
 from curation.read import WarcReader
 
 ARTICLE = (
@@ -94,40 +97,56 @@ def test_drops_are_counted_by_reason() -> None:
     assert dict(step.stats.dropped) == {"extract.too_large": 1, "extract.empty": 3}
 
 
+def _explode_on_broken(html: str) -> str:
+    """An extractor that raises on one page (module level: it travels to the extraction process)."""
+    if "BROKEN" in html:
+        raise RuntimeError("parser exploded")
+    return _resiliparse_text(html)
+
+
+def _die_on_crash(html: str) -> str:
+    """An extractor whose process dies on one page, as a segfault in C code would."""
+    if "CRASH" in html:
+        import os
+
+        os._exit(139)
+    return _resiliparse_text(html)
+
+
 def test_extractor_failure_is_counted_and_the_run_goes_on() -> None:
     step = Extract()
-    real = step._extract
-
-    def flaky(html: str) -> str:
-        if "BROKEN" in html:
-            raise RuntimeError("parser exploded")
-        return real(html)
-
-    step._extract = flaky
+    step._extract = _explode_on_broken
     out = list(step([_doc(b"<p>BROKEN</p>"), _doc(ARTICLE.encode())]))
     assert len(out) == 1 and step.stats.dropped["extract.error"] == 1
-    assert "parser exploded" in step.stats.samples[0]["message"]
+    assert "RuntimeError: parser exploded" in step.stats.samples[0]["message"]
 
 
-def _slow_on_marker(real):  # type: ignore[no-untyped-def]
-    """Spins in Python on pages containing SLOW; gives up after 30 s so a broken limit fails, not hangs."""
-
-    def extract(html: str) -> str:
-        if "SLOW" in html:
-            end = time.monotonic() + 30
-            while time.monotonic() < end:
-                pass
-            return "finished despite the limit"
-        return real(html)
-
-    return extract
+def test_a_dying_extraction_process_costs_only_its_page() -> None:
+    step = Extract()
+    step._extract = _die_on_crash
+    out = list(step([_doc(ARTICLE.encode()), _doc(b"<p>CRASH</p>"), _doc(ARTICLE.encode())]))
+    assert len(out) == 2 and step.stats.dropped == {"extract.error": 1}
+    assert "the extraction process died (exit code 139)" in step.stats.samples[0]["message"]
 
 
-def _run_with_slow_page() -> Extract:
-    step = Extract(timeout_s=0.2)
-    step._extract = _slow_on_marker(step._extract)
-    out = list(step([_doc(b"<p>SLOW</p>"), _doc(ARTICLE.encode())]))
-    assert [d.text for d in out if "finished" in d.text] == []
+def test_an_extractor_that_cannot_reach_the_process_fails_the_step_at_once() -> None:
+    step = Extract()
+    step._extract = lambda html: html  # a lambda cannot be pickled to the extraction process
+    with pytest.raises(ExtractorUnavailable, match="cannot be sent"):
+        list(step([_doc(ARTICLE.encode())]))
+
+
+def _nested_divs(depth: int) -> bytes:
+    """resiliparse's time grows steeply with nesting: 20,000 divs take ~20 s, 100,000 ~500 s."""
+    return (b"<html><body><p>Before the divs.</p>" + b"<div>" * depth + b"deep" + b"</div>" * depth
+            + b"</body></html>")
+
+
+def _run_with_slow_page(timeout_s: float = 0.5) -> Extract:
+    step = Extract(timeout_s=timeout_s)
+    t0 = time.monotonic()
+    out = list(step([_doc(_nested_divs(20_000)), _doc(ARTICLE.encode())]))
+    assert time.monotonic() - t0 < 10
     assert len(out) == 1 and "heavy rain" in out[0].text
     return step
 
@@ -154,20 +173,67 @@ def test_slow_page_times_out_in_a_worker_thread_too() -> None:
     assert result["step"].stats.dropped["extract.timeout"] == 1  # type: ignore[attr-defined]
 
 
-def test_time_limit_restores_an_outer_alarm_handler() -> None:
+def test_time_limit_leaves_the_callers_alarm_alone() -> None:
     calls: list[int] = []
 
     def outer(signum: int, frame: object) -> None:
         calls.append(signum)
 
     previous = signal.signal(signal.SIGALRM, outer)
+    signal.setitimer(signal.ITIMER_REAL, 60)
     try:
-        assert run_with_timeout(str.upper, "ok", 1.0) == "OK"
-        with pytest.raises(ExtractTimeout):
-            run_with_timeout(_slow_on_marker(str), "SLOW", 0.05)
+        _run_with_slow_page(timeout_s=0.2)
         assert signal.getsignal(signal.SIGALRM) is outer and calls == []
+        assert 0 < signal.getitimer(signal.ITIMER_REAL)[0] <= 60
     finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.integration
+def test_page_that_would_take_minutes_in_c_code_is_stopped_near_its_limit_and_the_shard_finishes(
+    shared_data: Path,
+) -> None:
+    # 1.2 MB of 100,000 nested divs: resiliparse's C code ran 494 s on it, deaf to the old
+    # signal-based limit. Now its process is killed at the limit and replaced for the next page.
+    pages = list(WarcReader().read(str(shared_data / "warc" / "pages" / "web_pages-00000.warc.gz")))
+    baseline = Extract()
+    expected = [d.text for d in baseline(_copies(pages))]
+    nasty = _doc(_nested_divs(100_000))
+    assert 1_100_000 < len(nasty.raw or b"") < 1_300_000
+    docs = _copies(pages)
+    docs.insert(len(docs) // 2, nasty)
+    spent: dict[str, float] = {}
+
+    def timed() -> Iterator[Document]:
+        for d in docs:
+            if "nasty" in spent and "next" not in spent:
+                spent["next"] = time.monotonic()  # the step asks for the next page: done with it
+            if d is nasty:
+                spent["nasty"] = time.monotonic()
+            yield d
+
+    step = Extract(timeout_s=2)
+    t0 = time.monotonic()
+    out = [d.text for d in step(timed())]
+    total = time.monotonic() - t0
+    print(f"\nnested-div page: {spent['next'] - spent['nasty']:.2f} s (limit 2 s); shard of {len(docs)} pages: {total:.2f} s")
+    assert spent["next"] - spent["nasty"] < 4
+    assert total < 20  # ~3 s on a quiet machine: the limit, one restart, 261 ordinary pages
+    assert step.stats.dropped == baseline.stats.dropped + Counter({"extract.timeout": 1})
+    assert out == expected
+
+
+def _copies(docs: list[Document]) -> list[Document]:
+    return [Document(id=d.id, text="", source=d.source, metadata=dict(d.metadata), raw=d.raw, charset=d.charset)
+            for d in docs]
+
+
+def test_control_characters_are_stripped_from_extracted_text_and_counted() -> None:
+    step = Extract()
+    (doc,) = step([_doc(b"<html><body><p>bell\x07 escape\x1b[0m group\x1dsep</p></body></html>")])
+    assert doc.text == "bell escape[0m groupsep"
+    assert step.stats.counters["control_chars_removed"] == 3
 
 
 def test_unknown_extractor_is_rejected_at_construction() -> None:

@@ -117,3 +117,26 @@ def test_bad_generation_requests_are_errors() -> None:
         generate(model, [[1] * 60], 10)
     with pytest.raises(ValueError, match="top_p"):
         generate(model, [[1]], 3, top_p=0.0)
+
+
+def _word_tokenizer(path: Path, n_tokens: int) -> Path:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, **{f"w{i}": i for i in range(1, n_tokens)}}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(path))
+    return path
+
+
+def test_generate_text_refuses_a_tokenizer_from_a_model_with_a_larger_vocabulary(tmp_path: Path) -> None:
+    from training.checkpoint import write_model_checkpoint
+    from training.generate import generate_text
+
+    model = model_for_test()
+    ckpt = write_model_checkpoint(tmp_path / "ckpt", model.state_dict(), model.cfg.to_dict())
+    _word_tokenizer(ckpt / "tokenizer.json", 200)  # left beside the weights by another model's run
+    with pytest.raises(ValueError, match=rf"token ids up to 199 but the model's vocab_size is {VOCAB}"):
+        generate_text(str(ckpt), "w1 w2", max_new_tokens=3, greedy=True)
+    fitting = _word_tokenizer(tmp_path / "own.json", VOCAB)
+    assert generate_text(str(ckpt), "w1 w2", tokenizer_path=str(fitting), max_new_tokens=3,
+                         greedy=True).startswith("w1 w2")

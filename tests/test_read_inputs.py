@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import gzip
+import io
 from pathlib import Path
 
 import pytest
 
 from curation.read import inputs
-from curation.read.inputs import cache_path, expand_inputs, open_input
+from curation.read.inputs import LocalPathInListing, MissingBackend, cache_path, expand_inputs, open_input
 
 
 def _touch(path: Path, data: bytes = b"x") -> Path:
@@ -43,8 +44,80 @@ def test_missing_local_file_is_an_error(tmp_path: Path) -> None:
 
 
 def test_urls_pass_through_unchanged() -> None:
-    urls = ["https://example.org/a.warc.gz", "s3://bucket/crawl/b.warc.gz", "https://example.org/a.warc.gz"]
+    urls = ["https://example.org/a.warc.gz", "http://mirror.example/crawl/b.warc.gz", "https://example.org/a.warc.gz"]
     assert expand_inputs(urls) == urls[:2]
+
+
+def test_one_file_reached_through_a_symlink_and_a_glob_is_listed_once(tmp_path: Path) -> None:
+    real = _touch(tmp_path / "crawl" / "a.warc.gz")
+    _touch(tmp_path / "crawl" / "b.warc.gz")
+    (tmp_path / "links").mkdir()
+    (tmp_path / "links" / "same-as-a.warc.gz").symlink_to(real)
+    (tmp_path / "mirror").symlink_to(tmp_path / "crawl", target_is_directory=True)
+    out = expand_inputs([str(tmp_path / "links" / "same-as-a.warc.gz"), str(tmp_path / "**" / "*.warc.gz")])
+    # The first occurrence fixes the order; every later spelling of the same file is dropped.
+    assert out == [str(real), str(tmp_path / "crawl" / "b.warc.gz")]
+
+
+def test_directory_input_reads_its_archives_recursively_in_sorted_order(tmp_path: Path) -> None:
+    for name in ["b.warc.gz", "a.arc.gz", "sub/c.wet.gz", "sub/deeper/d.warc", "notes.txt", "x.warc.wat.gz"]:
+        _touch(tmp_path / "in" / name)
+    assert expand_inputs([str(tmp_path / "in")]) == [
+        str(tmp_path / "in" / n) for n in ["a.arc.gz", "b.warc.gz", "sub/c.wet.gz", "sub/deeper/d.warc"]]
+
+
+def test_directory_without_archives_says_so(tmp_path: Path) -> None:
+    _touch(tmp_path / "in" / "readme.txt")
+    with pytest.raises(FileNotFoundError, match="holds no web archives"):
+        expand_inputs([str(tmp_path / "in")])
+
+
+def _listing(tmp_path: Path, *lines: str) -> Path:
+    return _touch(tmp_path / "warc.paths", ("\n".join(lines) + "\n").encode())
+
+
+@pytest.mark.parametrize("line", ["file:///etc/passwd.warc.gz", "FILE:///srv/x.warc.gz",
+                                  "simplecache::file:///srv/x.warc.gz", "local:///srv/x.warc", "/srv/x.warc.gz",
+                                  "~/x.warc.gz"])
+def test_listing_naming_a_local_file_is_refused(tmp_path: Path, line: str) -> None:
+    listing = _listing(tmp_path, "crawl-data/a.warc.gz", line)
+    with pytest.raises(LocalPathInListing, match=r"line 2 names a local file.*allow_local_in_listings"):
+        expand_inputs([str(listing)])
+
+
+def test_remote_listing_naming_a_local_file_never_reaches_the_cache(tmp_path: Path) -> None:
+    secret = _touch(tmp_path / "private" / "secret.warc.gz", b"not for the corpus")
+    listing = _touch(tmp_path / "src" / "warc.paths.gz", gzip.compress(secret.as_uri().encode() + b"\n"))
+    cache = tmp_path / "cache"
+    with pytest.raises(LocalPathInListing):
+        expand_inputs([listing.as_uri()], cache_dir=cache)
+    assert [p.name for p in cache.iterdir()] == [cache_path(listing.as_uri(), cache).name]
+
+
+def test_local_files_in_a_listing_are_read_in_place_when_allowed(tmp_path: Path) -> None:
+    a = _touch(tmp_path / "data" / "a.warc.gz")
+    b = _touch(tmp_path / "data" / "b.warc.gz")
+    listing = _listing(tmp_path, a.as_uri(), str(b), "crawl-data/c.warc.gz")
+    assert expand_inputs([str(listing)], allow_local_in_listings=True) == [
+        str(a), str(b), "https://data.commoncrawl.org/crawl-data/c.warc.gz"]
+    with pytest.raises(FileNotFoundError, match="line 1 names a local file that does not exist"):
+        expand_inputs([str(_listing(tmp_path, str(tmp_path / "gone.warc.gz")))], allow_local_in_listings=True)
+
+
+def test_s3_input_without_s3fs_says_which_extra_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "s3fs", None)  # as if not installed, whatever this machine has
+    with pytest.raises(MissingBackend, match=r"pip install 'refinery\[s3\]'") as e:
+        expand_inputs(["s3://commoncrawl/crawl-data/x.warc.gz"])
+    assert "rerun" not in str(e.value)
+    with pytest.raises(MissingBackend, match=r"pip install 'refinery\[s3\]'"):
+        inputs.fetch("s3://commoncrawl/crawl-data/x.warc.gz", io.BytesIO())
+
+
+def test_unknown_protocol_is_named() -> None:
+    with pytest.raises(MissingBackend, match="unknown protocol nosuch://"):
+        expand_inputs(["nosuch://host/x.warc.gz"])
 
 
 def test_local_listing_lines_become_commoncrawl_urls(tmp_path: Path) -> None:

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
 from curation.document import Document
+from curation.registry import ConfigError, check_params
 from curation.step import Filter, Mapper, StepStats
 
 
@@ -115,3 +121,30 @@ def test_filter_rewrites_only_the_documents_it_keeps() -> None:
     f = Trimming()
     out = list(f(_docs(3)))
     assert [d.text for d in out] == ["x", "x"] and f.stats.dropped == {"trim.empty": 1}
+
+
+class Thresholded(Filter):
+    name = "thresholded"
+
+    def __init__(self, threshold: float = 0.5, labels: Sequence[str] = ("a",)) -> None:
+        super().__init__()
+        self.threshold, self.labels = threshold, labels
+
+    @staticmethod
+    def validate_params(params: dict[str, Any]) -> None:
+        if not 0 <= params.get("threshold", 0.5) <= 1:
+            raise ValueError(f"parameter `threshold` must be in [0, 1], got {params['threshold']}")
+
+    def reject(self, doc: Document) -> str | None:
+        return None
+
+
+def test_a_steps_signature_is_its_parameter_schema() -> None:
+    table = {"thresholded": f"{__name__}:Thresholded"}
+    with pytest.raises(ConfigError, match=r"step `thresholded`: parameter `threshold` must be a number, got str"):
+        check_params("thresholded", {"threshold": "0.7"}, table)
+    with pytest.raises(ConfigError, match=r"parameter `labels` must be a list of strings, got str 'b'"):
+        check_params("thresholded", {"labels": "b"}, table)
+    with pytest.raises(ConfigError, match=r"step `thresholded`: parameter `threshold` must be in \[0, 1\]"):
+        check_params("thresholded", {"threshold": 7}, table)
+    assert check_params("thresholded", {"threshold": 1, "labels": ["b"]}, table) is Thresholded

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -73,6 +74,42 @@ def test_override_strings_are_coerced_to_the_field_types() -> None:
 ])
 def test_invalid_override_values_are_errors(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
+        load_config(None, ["model.size=1m", "data.mix=x", override])
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("optim.lr=nan", "optim.lr must be a finite number"),
+    ("optim.lr=inf", "optim.lr must be a finite number"),
+    ("optim.lr=-1e-3", "optim.lr must be > 0"),
+    ("optim.min_lr_ratio=nan", "optim.min_lr_ratio must be a finite number"),
+    ("optim.weight_decay=-0.1", "optim.weight_decay must be >= 0"),
+    ("optim.grad_clip=-1", "optim.grad_clip must be > 0, or 0 to disable"),
+    ("optim.grad_clip=inf", "optim.grad_clip must be a finite number"),
+    ("optim.eps=0", "optim.eps must be > 0"),
+    ("optim.betas=[0.9,1.0]", r"optim.betas must both be in \[0, 1\)"),
+    ("optim.betas=[0.9,nan]", r"optim.betas\[1\] must be a finite number"),
+])
+def test_optimizer_numbers_must_be_finite_and_in_range(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, ["model.size=1m", "data.mix=x", override])
+
+
+def test_a_config_built_in_code_with_a_nan_learning_rate_is_refused() -> None:
+    cfg = load_config(None, ["model.size=1m", "data.mix=x"])
+    cfg.optim.lr = float("nan")  # bypasses the coercion of YAML and overrides
+    with pytest.raises(ConfigError, match="optim.lr must be a finite number"):
+        cfg.validate()
+
+
+def test_a_yaml_syntax_error_names_the_file_and_line(tmp_path: Path) -> None:
+    path = _write(tmp_path, "model: {size: 1m}\ndata: {mix: x}\noptim:\n  betas: [0.9, 0.95\n")
+    with pytest.raises(ConfigError, match=rf"{path}: invalid YAML at line \d+, column \d+: expected ',' or ']'"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("override", ["optim.betas=[0.9,0.95", "model.rope_scaling={rope_type: linear"])
+def test_an_override_with_broken_yaml_names_the_override(override: str) -> None:
+    with pytest.raises(ConfigError, match=rf"override '{re.escape(override)}': invalid YAML"):
         load_config(None, ["model.size=1m", "data.mix=x", override])
 
 

@@ -139,7 +139,7 @@ def test_bf16_on_cpu_is_an_error(shakespeare_tokens: dict[str, Path], tmp_path: 
 def test_a_diverging_loss_stops_the_run_with_a_clear_error(shakespeare_tokens: dict[str, Path], tmp_path: Path) -> None:
     cfg = load_config(None, _overrides(shakespeare_tokens, tmp_path, "optim.lr=1e30", "optim.warmup=0", "train.steps=6",
                                        "data.eval=none", "train.checkpoint_every=1"))
-    with pytest.raises(FloatingPointError, match=r"training loss is nan at step \d; lower optim.lr"):
+    with pytest.raises(FloatingPointError, match=r"(training loss is nan|the gradient norm is (nan|inf)).* at step \d+; lower optim.lr"):
         train(cfg)
 
 

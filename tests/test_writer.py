@@ -80,3 +80,15 @@ def test_clean_tmp_removes_leftovers_of_a_killed_run(tmp_path: Path) -> None:
     (tmp_path / "sub" / "keep.parquet").write_text("done")
     clean_tmp(tmp_path)
     assert [p.name for p in (tmp_path / "sub").iterdir()] == ["keep.parquet"]
+
+
+def test_clean_tmp_leaves_files_it_did_not_write(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    mine = [tmp_path / ".tmp-77-stats.json", tmp_path / "sub" / ".tmp-123-00001-x.jsonl.gz"]
+    theirs = [tmp_path / "sub" / ".tmp-draft.txt", tmp_path / ".tmp-notes", tmp_path / ".tmp-12-essay.txt"]
+    for p in mine + theirs:
+        p.write_text("x")
+    assert sorted(clean_tmp(tmp_path)) == sorted(mine)
+    assert all(p.exists() for p in theirs)
+    (tmp_path / "sub" / ".tmp-5-y.parquet").write_text("x")
+    assert clean_tmp(tmp_path, recursive=False) == []  # only the folder itself when asked

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,7 +18,10 @@ from typing import Any, Literal
 
 import yaml
 
-STAGES = ("pretrain", "midtrain")
+from training.objectives import ENGINE_SECTIONS, STAGE_OBJECTIVES, STAGE_SECTIONS, resolve
+
+# Every stage the engine runs (training/objectives/__init__.py maps each to its objective).
+STAGES = tuple(STAGE_OBJECTIVES)
 
 
 class ConfigError(ValueError):
@@ -104,15 +108,27 @@ class TrainSection:
 
 @dataclass
 class TrainConfig:
-    stage: Literal["pretrain", "midtrain"] = "pretrain"
+    stage: str = "pretrain"  # one of STAGES
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
+    # Stage sections given in the YAML or overrides (sft, dpo, lora, ...), by name; see STAGE_SECTIONS.
+    sections: dict[str, Any] = field(default_factory=dict)
+
+    def section(self, name: str) -> Any:
+        """The stage section ``name``: the one given, else its defaults."""
+        if name not in self.sections:
+            return _stage_section_type(name)()
+        return self.sections[name]
+
+    def has_section(self, name: str) -> bool:
+        return name in self.sections
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["optim"]["betas"] = list(d["optim"]["betas"])
+        d.update(d.pop("sections"))  # written as in the YAML: one top-level mapping per section
         return d
 
     def validate(self) -> None:
@@ -136,8 +152,22 @@ class TrainConfig:
         if o.warmup >= t.steps and o.schedule != "constant":
             raise ConfigError(f"optim.warmup={o.warmup} leaves no decay in train.steps={t.steps}; lower "
                               f"optim.warmup or raise train.steps")
+        for name in SECTIONS:  # a config built in code skips _coerce: nan would pass every check below
+            for f in dataclasses.fields(getattr(self, name)):
+                value = getattr(getattr(self, name), f.name)
+                for v in value if isinstance(value, tuple) else (value,):
+                    if isinstance(v, float) and not math.isfinite(v):
+                        raise ConfigError(f"{name}.{f.name} must be a finite number, got {value!r}")
         if o.lr <= 0:
             raise ConfigError(f"optim.lr must be > 0, got {o.lr}")
+        if o.eps <= 0:
+            raise ConfigError(f"optim.eps must be > 0, got {o.eps}")
+        if o.weight_decay < 0:
+            raise ConfigError(f"optim.weight_decay must be >= 0, got {o.weight_decay}")
+        if o.grad_clip < 0:
+            raise ConfigError(f"optim.grad_clip must be > 0, or 0 to disable clipping, got {o.grad_clip}")
+        if not all(0.0 <= b < 1.0 for b in o.betas):
+            raise ConfigError(f"optim.betas must both be in [0, 1), got {list(o.betas)}")
         if not 0.0 <= o.min_lr_ratio <= 1.0:
             raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
         if not 0.0 <= o.decay_fraction <= 1.0:
@@ -146,6 +176,17 @@ class TrainConfig:
             raise ConfigError("data.mix is required: a mix manifest or a token manifest path")
         if self.stage not in STAGES:
             raise ConfigError(f"stage must be one of {STAGES}, got {self.stage!r}")
+        objective = _objective_type(self.stage)
+        for name in self.sections:
+            if name not in objective.sections and name not in ENGINE_SECTIONS:
+                raise ConfigError(f"section '{name}' is not used by stage '{self.stage}'; remove it")
+        if objective.requires_init_from and not t.init_from:
+            raise ConfigError(f"stage '{self.stage}' requires train.init_from (the checkpoint to fine-tune)")
+        objective.validate_config(self)
+        lora = self.sections.get("lora")
+        if lora is not None and getattr(lora, "quantize", "none") != "none" and t.parallel == "fsdp":
+            raise ConfigError("QLoRA (lora.quantize) cannot be sharded with train.parallel=fsdp: 4-bit weights "
+                              "are not DTensors; use train.parallel=ddp")
         if self.stage == "midtrain" and not t.init_from:
             raise ConfigError("stage 'midtrain' requires train.init_from (a pretraining checkpoint)")
         if self.model.size is None and self.model.dim is None and not t.init_from:
@@ -167,6 +208,33 @@ def _all_dotted_keys() -> list[str]:
     for name, cls in SECTIONS.items():
         keys += [f"{name}.{f.name}" for f in dataclasses.fields(cls)]
     return keys
+
+
+def _stage_section_type(name: str) -> type:
+    """The dataclass of stage section ``name``, imported from the module that owns it."""
+    try:
+        return resolve(STAGE_SECTIONS[name])
+    except ImportError as e:
+        raise ConfigError(f"config section '{name}' is not available: {e}") from None
+
+
+def _objective_type(stage: str) -> Any:
+    try:
+        return resolve(STAGE_OBJECTIVES[stage])
+    except ImportError as e:
+        raise ConfigError(f"stage '{stage}' is not available: {e}") from None
+
+
+def _parse_yaml(text: str, where: str) -> Any:
+    """``yaml.safe_load`` whose syntax errors name the file or override and the line."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{where}: invalid YAML{at}: {problem}; fix the syntax (e.g. close every "
+                          f"bracket and quote)") from None
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -213,22 +281,31 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, bool):
             raise ConfigError(f"{key} must be a number, got {value!r}")
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{key} must be a number, got {value!r}") from None
+        if not math.isfinite(number):  # no field means anything by nan or inf; nan passes every `<=` check
+            raise ConfigError(f"{key} must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str | int | float) and not isinstance(value, bool):
             return str(value)
         raise ConfigError(f"{key} must be a string, got {value!r}")
     if origin is tuple:
         if isinstance(value, str):
-            value = yaml.safe_load(value if value.startswith("[") else f"[{value}]")
+            value = _parse_yaml(value if value.startswith("[") else f"[{value}]", key)
         if not isinstance(value, list | tuple) or len(value) != len(args):
             raise ConfigError(f"{key} must be a list of {len(args)} values, got {value!r}")
         return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+    if origin is list:
+        if isinstance(value, str):  # an override: "[q_proj, v_proj]" or "q_proj,v_proj"
+            value = _parse_yaml(value if value.strip().startswith("[") else f"[{value}]", key)
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if isinstance(value, str):
-            value = yaml.safe_load(value)
+            value = _parse_yaml(value, key)
         if not isinstance(value, dict):
             raise ConfigError(f"{key} must be a mapping, got {value!r}")
         return dict(value)
@@ -256,14 +333,17 @@ def config_from_dict(data: dict[str, Any]) -> TrainConfig:
         if key == "stage":
             stage = _coerce(value, typing.get_type_hints(TrainConfig)["stage"], "stage")
             continue
-        if key not in SECTIONS:
-            raise ConfigError(f"unknown config section '{key}'{_suggest(key, [*SECTIONS, 'stage'])}")
+        if key not in SECTIONS and key not in STAGE_SECTIONS:
+            valid = [*SECTIONS, *STAGE_SECTIONS, "stage"]
+            raise ConfigError(f"unknown config section '{key}'{_suggest(key, valid)}")
         if value is None:
             value = {}
         if not isinstance(value, dict):
             raise ConfigError(f"config section '{key}' must be a mapping, got {value!r}")
-        sections[key] = _section_from_dict(SECTIONS[key], value, key)
-    return TrainConfig(stage=stage, **sections)
+        cls = SECTIONS[key] if key in SECTIONS else _stage_section_type(key)
+        sections[key] = _section_from_dict(cls, value, key)
+    stage_sections = {k: sections.pop(k) for k in list(sections) if k in STAGE_SECTIONS}
+    return TrainConfig(stage=stage, **sections, sections=stage_sections)
 
 
 def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
@@ -274,6 +354,10 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
             raise ConfigError(f"override {item!r} must look like section.key=value (e.g. optim.lr=3e-4)")
         key, raw = item.split("=", 1)
         key = key.strip()
+        section_name = key.split(".", 1)[0]
+        if section_name in STAGE_SECTIONS and "." in key:
+            _override_stage_section(cfg, section_name, key, raw, item)
+            continue
         if key not in valid:
             raise ConfigError(f"unknown config key '{key}' in override {item!r}{_suggest(key, valid)}")
         if key == "stage":
@@ -285,9 +369,21 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
         # YAML parses lists, mappings and null; scalars stay strings so coercion decides their type.
         parsed: Any = raw
         if raw.strip()[:1] in ("[", "{"):
-            parsed = yaml.safe_load(raw)
+            parsed = _parse_yaml(raw, f"override {item!r}")
         setattr(section, name, _coerce(parsed, tp, key))
     return cfg
+
+
+def _override_stage_section(cfg: TrainConfig, section_name: str, key: str, raw: str, item: str) -> None:
+    cls = _stage_section_type(section_name)
+    name = key.split(".", 1)[1]
+    names = [f.name for f in dataclasses.fields(cls)]
+    if name not in names:
+        raise ConfigError(f"unknown config key '{key}' in override {item!r}"
+                          f"{_suggest(name, names)}")
+    section = cfg.sections.setdefault(section_name, cls())
+    parsed: Any = _parse_yaml(raw, f"override {item!r}") if raw.strip()[:1] in ("[", "{") else raw
+    setattr(section, name, _coerce(parsed, typing.get_type_hints(cls)[name], key))
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None,
@@ -298,7 +394,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None,
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
-        data = yaml.safe_load(p.read_text()) or {}
+        data = _parse_yaml(p.read_text(), str(p)) or {}
     cfg = config_from_dict(data)
     if stage is not None:
         if stage not in STAGES:

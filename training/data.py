@@ -3,7 +3,8 @@
 Reads the token-shard contract written by `refinery tokenize` (see `curation/tokenize.py`; this
 module does not import it): a `manifest.json` with `format`, `dtype`, `vocab_size`, `eos_id`,
 `total_tokens`, `total_text_bytes` and `shards` (each `path`, `tokens`, `nbytes`, `dtype`), beside
-flat 1-D `.npy` token files with EOS after every document.
+flat 1-D `.npy` token files with EOS after every document. A manifest marked incomplete
+(`complete: false`, or a non-empty `failed`: some inputs failed to tokenize) is refused.
 
 Sampling (`MixtureLoader`):
 - A pool is one token manifest, read as one concatenated token stream, cut into windows of
@@ -58,6 +59,11 @@ class TokenShards:
         if not str(m.get("format", "")).startswith(MANIFEST_FORMAT_PREFIX):
             raise ValueError(f"{self.path} is not a token manifest (format {m.get('format')!r}, "
                              f"expected {MANIFEST_FORMAT_PREFIX}*)")
+        if m.get("complete") is False or m.get("failed"):
+            failed = m.get("failed") or []
+            first = f" (first: {failed[0].get('input')}: {failed[0].get('error')})" if failed else ""
+            raise ValueError(f"{self.path} is from a tokenize run that did not finish: {len(failed)} input "
+                             f"files failed{first}; fix or remove them and rerun `refinery tokenize`")
         self.manifest = m
         self.root = self.path.parent
         self.dtype = np.dtype(m["dtype"])

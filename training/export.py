@@ -3,6 +3,10 @@
 Our parameter names are HF's minus the `model.` prefix and our rotary convention is HF's (rotate
 halves), so the mapping is a rename, never a permutation. Export writes `rope_theta`/`rope_scaling`
 (transformers 4.x) and the equivalent `rope_parameters` (transformers 5.x) so both versions load it.
+
+An export is built whole in a temporary directory beside `out_dir` and renamed into place, so the
+directory never mixes files of two exports (a stale `tokenizer.json` beside another model's weights)
+and a failed export leaves nothing half-written. Its files are 0644, its directory 0755.
 """
 
 from __future__ import annotations
@@ -11,11 +15,12 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from training.model import ModelConfig, Transformer
@@ -24,6 +29,13 @@ HF_PREFIX = "model."
 # Wrappers that prefix parameter names in a training state dict: torch.compile, DDP, checkpoint_wrapper.
 _WRAPPER_PREFIXES = ("_orig_mod.", "module.", "_checkpoint_wrapped_module.")
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+# Everything an export writes: a directory holding only these is an earlier export.
+EXPORT_FILES = ("model.safetensors", "config.json", "tokenizer.json")
+SUPPORTED_ARCHITECTURE = "LlamaForCausalLM"
+
+
+class ExportError(ValueError):
+    """An export or import that cannot be done as asked (target in the way, foreign model, ...)."""
 
 
 def _clean_name(name: str) -> str:
@@ -86,15 +98,74 @@ def _full_state_dict(state_dict: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+def tokenizer_vocab_size(path: str | os.PathLike[str]) -> int:
+    """One past the largest token id of a `tokenizer.json` (added tokens included)."""
+    from tokenizers import Tokenizer
+
     try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        vocab = Tokenizer.from_file(str(path)).get_vocab(with_added_tokens=True)
+    except Exception as e:  # not JSON, or not a tokenizer
+        raise ExportError(f"{path} is not a readable tokenizer.json: {str(e).splitlines()[0] if str(e) else e}") from e
+    return max(vocab.values(), default=-1) + 1
+
+
+def check_tokenizer_fits(path: str | os.PathLike[str], vocab_size: int) -> None:
+    """Refuse a tokenizer that can emit ids the model has no embedding for: it belongs to another model."""
+    n = tokenizer_vocab_size(path)
+    if n > vocab_size:
+        raise ExportError(f"{path} has token ids up to {n - 1} but the model's vocab_size is {vocab_size}: it is "
+                          f"another model's tokenizer; pass the tokenizer the model was trained with")
+
+
+def _check_target(out: Path, force: bool, allow_earlier_export: bool) -> None:
+    """Refuse an `out` that is a file, or a non-empty directory unless `force` (or, with
+    `allow_earlier_export`, unless it holds nothing but an earlier export's files)."""
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} is a file; give a directory path for the export")
+    if force or not out.is_dir():
+        return
+    entries = sorted(out.iterdir())
+    earlier_export = all(e.name in EXPORT_FILES and e.is_file() for e in entries)
+    if entries and not (allow_earlier_export and earlier_export):
+        names = ", ".join(e.name for e in entries[:5]) + (", ..." if len(entries) > 5 else "")
+        raise ExportError(f"{out} is not empty ({names}); export into a new directory, or pass --force "
+                          f"(force=True) to replace it whole")
+
+
+def _publish_dir(out: Path, fill: Callable[[Path], None], needed_bytes: int) -> None:
+    """Build the directory with `fill` in a temporary sibling, then swap it in for `out` (replacing it)."""
+    from training.checkpoint import write_error
+
+    out = Path(os.path.abspath(out))  # "." or "a/.." have no name to build a sibling from
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out.name}.", suffix=".tmp"))
+    except OSError as e:
+        raise write_error(parent, e) from e
+    try:
+        try:
+            fill(tmp)
+        except (OSError, RuntimeError, SafetensorError) as e:  # a full disk, most often: say so
+            raise write_error(parent, e, needed_bytes) from e
+        for f in tmp.iterdir():
+            f.chmod(0o644)  # mkdtemp makes 0700 and tempfiles 0600: an export is for others to read
+        tmp.chmod(0o755)
+        if out.is_dir():
+            old = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out.name}.", suffix=".old"))
+            os.replace(out, old / out.name)
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                os.replace(old / out.name, out)
+                raise
+            finally:
+                shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def export_hf(
@@ -107,8 +178,12 @@ def export_hf(
     bos_id: int | None = None,
     eos_id: int | None = None,
     pad_id: int | None = None,
+    force: bool = False,
 ) -> Path:
-    """Write `model.safetensors`, `config.json` (and `tokenizer.json` if given) into `out_dir`.
+    """Write `model.safetensors`, `config.json` (and `tokenizer.json` if given) as the directory `out_dir`.
+
+    `out_dir` may be new, empty or an earlier export (replaced whole, as the trainer does with its
+    `hf/` on every finished run); anything else is refused unless `force`, which replaces it whole.
 
     `model` is a Transformer, a `(state_dict, ModelConfig)` pair, or a state dict with `config=`;
     wrapper prefixes (`_orig_mod.`, `module.`, `_checkpoint_wrapped_module.`) are stripped. FSDP2
@@ -144,15 +219,21 @@ def export_hf(
     }
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    config_json = json.dumps(hf_config(cfg, store_dtype, bos_id, eos_id, pad_id), indent=2) + "\n"
-    _atomic_write(out / "config.json", lambda p: Path(p).write_text(config_json))
-    if tokenizer_path is not None:
-        src = Path(tokenizer_path)
+    _check_target(out, force, allow_earlier_export=True)
+    src = Path(tokenizer_path) if tokenizer_path is not None else None
+    if src is not None:
         if not src.is_file():
             raise FileNotFoundError(f"tokenizer file not found: {src}")
-        _atomic_write(out / "tokenizer.json", lambda p: shutil.copyfile(src, p))
+        check_tokenizer_fits(src, cfg.vocab_size)
+    config_json = json.dumps(hf_config(cfg, store_dtype, bos_id, eos_id, pad_id), indent=2) + "\n"
+
+    def fill(d: Path) -> None:
+        save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+        (d / "config.json").write_text(config_json)
+        if src is not None:
+            shutil.copyfile(src, d / "tokenizer.json")
+
+    _publish_dir(out, fill, needed_bytes=sum(t.numel() * t.element_size() for t in tensors.values()))
     return out
 
 
@@ -163,10 +244,20 @@ def param_names(cfg: ModelConfig) -> list[str]:
     return [name for name, _ in model.named_parameters(remove_duplicate=False)]
 
 
-def _config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
+def _config_from_hf(hf: Mapping[str, Any], source: Path | str = "config.json") -> ModelConfig:
+    if not isinstance(hf, Mapping):
+        raise ExportError(f"{source} is not a JSON object")
     archs = hf.get("architectures") or []
-    if hf.get("model_type") not in (None, "llama") or (archs and "LlamaForCausalLM" not in archs):
-        raise ValueError(f"not a Llama checkpoint: model_type={hf.get('model_type')!r} architectures={archs}")
+    model_type = hf.get("model_type")
+    is_llama = model_type in (None, "llama") and (SUPPORTED_ARCHITECTURE in archs if archs else model_type == "llama")
+    if not is_llama:
+        found = ", ".join(map(str, archs)) if archs else "no architecture"
+        raise ExportError(f"{source}: not a Llama checkpoint: it names {found} (model_type={model_type!r}); "
+                          f"only {SUPPORTED_ARCHITECTURE} is supported")
+    required = ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size")
+    missing = [k for k in required if k not in hf]
+    if missing:
+        raise ExportError(f"{source} lacks {missing}, which a {SUPPORTED_ARCHITECTURE} config.json has")
     dim, n_heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
     head_dim = hf.get("head_dim") or dim // n_heads
     if head_dim * n_heads != dim:
@@ -184,7 +275,7 @@ def _config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
     rope_type = params.pop("rope_type", params.pop("type", "default"))
     scaling = None if rope_type == "default" else {"rope_type": rope_type, **params}
     if scaling is not None and scaling.get("rope_type") == "llama3":
-        scaling.setdefault("original_max_position_embeddings", hf["max_position_embeddings"])
+        scaling.setdefault("original_max_position_embeddings", hf.get("max_position_embeddings", 2048))
     if scaling is not None and rope_type in ("linear", "llama3"):
         # Keep only the keys our config takes (HF adds e.g. attention_factor); ModelConfig validates.
         keep = {"rope_type", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
@@ -227,7 +318,11 @@ def import_hf(hf_dir: str | os.PathLike[str], dtype: torch.dtype | None = torch.
     config_path = root / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"no config.json in {root}")
-    cfg = _config_from_hf(json.loads(config_path.read_text()))
+    try:
+        hf_cfg = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ExportError(f"{config_path} is not valid JSON: {e}") from e
+    cfg = _config_from_hf(hf_cfg, config_path)
     hf_tensors = _read_hf_tensors(root)
 
     state: dict[str, torch.Tensor] = {}
@@ -256,13 +351,17 @@ def import_hf(hf_dir: str | os.PathLike[str], dtype: torch.dtype | None = torch.
 
 
 def export_checkpoint(checkpoint: str | os.PathLike[str], out_dir: str | os.PathLike[str],
-                      tokenizer_path: str | os.PathLike[str] | None = None) -> Path:
-    """`refinery export`: a training checkpoint (run, `checkpoints` or step dir) → HF Llama dir."""
+                      tokenizer_path: str | os.PathLike[str] | None = None, force: bool = False) -> Path:
+    """`refinery export`: a training checkpoint (run, `checkpoints` or step dir) → HF Llama dir.
+
+    A non-empty `out_dir`, even an earlier export, is refused unless `force`: the user named it, and
+    what is in it may be another model's (replaced whole, never merged)."""
     from training.checkpoint import load_model_file
 
+    _check_target(Path(out_dir), force, allow_earlier_export=False)  # before the slow load
     data = load_model_file(checkpoint)
     return export_hf((data["model"], ModelConfig.from_dict(data["model_config"])), out_dir,
-                     tokenizer_path=tokenizer_path)
+                     tokenizer_path=tokenizer_path, force=True)
 
 
 def import_to_checkpoint(hf_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> Path:

@@ -67,6 +67,14 @@ class KVCache:
         self.v[layer][:, :, start_pos:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep (and reorder or repeat) batch rows in place: `rows` [B'] indexes the current batch.
+        Rollouts use it to copy one prefilled prompt to its n samples and to drop finished rows."""
+        self.k = [k.index_select(0, rows) for k in self.k]
+        self.v = [v.index_select(0, rows) for v in self.v]
+        if self.key_valid is not None:
+            self.key_valid = self.key_valid.index_select(0, rows)
+
 
 def _left_pad(
     prompts: Sequence[Sequence[int]] | torch.Tensor, pad_id: int, device: torch.device
@@ -223,6 +231,10 @@ def generate_text(model_path: str, prompt: str, tokenizer_path: str | None = Non
     tok_file = next((Path(c) for c in candidates if c and Path(c).is_file()), None)
     if tok_file is None:
         raise FileNotFoundError(f"no tokenizer.json beside {model_path}; pass --tokenizer")
+    from training.export import check_tokenizer_fits
+
+    # A tokenizer left beside another model (or passed by mistake) would decode its ids as wrong text.
+    check_tokenizer_fits(tok_file, model.cfg.vocab_size)
     tok = Tokenizer.from_file(str(tok_file))
     eos_id = hf_cfg.get("eos_token_id")
     if eos_id is None:

@@ -341,27 +341,63 @@ class Transformer(nn.Module):
         return mask
 
     def hidden_states(
-        self, input_ids: torch.Tensor, start_pos: int = 0, kv_cache: KVCache | None = None
+        self,
+        input_ids: torch.Tensor,
+        start_pos: int = 0,
+        kv_cache: KVCache | None = None,
+        position_ids: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Final-norm hidden states [B, T, dim]: the input of the LM head or of a scalar head."""
+        """Final-norm hidden states [B, T, dim]: the input of the LM head or of a scalar head.
+
+        Packed rows (several sequences in one row, training only): ``segment_ids`` [B, T] numbers the
+        sequences of each row; a position attends only to earlier positions of its own segment (a
+        block-diagonal causal mask), and ``position_ids`` [B, T] restart at 0 in each segment, so every
+        sequence is computed exactly as it would be alone. Without them: plain causal attention, the fast
+        ``is_causal`` kernel."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
         seqlen = input_ids.shape[1]
-        end = start_pos + seqlen
-        if end > self.cfg.max_seq_len:
-            raise ValueError(f"positions up to {end} exceed max_seq_len {self.cfg.max_seq_len}")
-        cos, sin = self.rope_cos[start_pos:end], self.rope_sin[start_pos:end]
-        mask = self._cached_mask(start_pos, seqlen, kv_cache) if kv_cache is not None else None
+        if (position_ids is not None or segment_ids is not None) and kv_cache is not None:
+            raise ValueError("position_ids / segment_ids are for packed training rows, not cached decoding")
+        if position_ids is not None:
+            if position_ids.shape != input_ids.shape:
+                raise ValueError(f"position_ids {tuple(position_ids.shape)} must match input_ids "
+                                 f"{tuple(input_ids.shape)}")
+            # [B, 1, T, head_dim]: broadcast over heads in apply_rotary.
+            cos, sin = self.rope_cos[position_ids].unsqueeze(1), self.rope_sin[position_ids].unsqueeze(1)
+        else:
+            end = start_pos + seqlen
+            if end > self.cfg.max_seq_len:
+                raise ValueError(f"positions up to {end} exceed max_seq_len {self.cfg.max_seq_len}")
+            cos, sin = self.rope_cos[start_pos:end], self.rope_sin[start_pos:end]
+        if segment_ids is not None:
+            causal = torch.ones(seqlen, seqlen, dtype=torch.bool, device=input_ids.device).tril()
+            mask: torch.Tensor | None = ((segment_ids[:, :, None] == segment_ids[:, None, :]) & causal)[:, None]
+        else:
+            mask = self._cached_mask(start_pos, seqlen, kv_cache) if kv_cache is not None else None
         x = self.embed_tokens(input_ids)
         for block in self.layers:
             x = block(x, cos, sin, start_pos, kv_cache, mask)
         return self.norm(x)
 
     def forward(
-        self, input_ids: torch.Tensor, start_pos: int = 0, kv_cache: KVCache | None = None
+        self,
+        input_ids: torch.Tensor,
+        start_pos: int = 0,
+        kv_cache: KVCache | None = None,
+        position_ids: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+        logits_at: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits [B, T, vocab] in the compute dtype (callers upcast for the loss)."""
-        return self.lm_head(self.hidden_states(input_ids, start_pos, kv_cache))
+        """Logits [B, T, vocab] in the compute dtype (callers upcast for the loss).
+
+        ``logits_at`` (bool [B, T]) projects only the selected positions, giving [N, vocab]: a loss that
+        counts a few positions (SFT's response tokens) skips the head and its softmax everywhere else,
+        the largest matmul of a small model. It is a forward argument, not a separate method, so that
+        DDP's and FSDP2's forward hooks still run."""
+        h = self.hidden_states(input_ids, start_pos, kv_cache, position_ids, segment_ids)
+        return self.lm_head(h if logits_at is None else h[logits_at])
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Unique parameters (a tied head counts once); `exclude_embeddings` drops the input table."""

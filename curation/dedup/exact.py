@@ -6,12 +6,15 @@ underscore) by a space, then collapse runs of whitespace to one space and trim. 
 and "hello world" are the same document; "colour" and "color" are not. The hash is xxHash3-64 of
 the UTF-8 bytes, stored as a signed int64 (`_exact_hash`) so Parquet keeps it as int64; two
 different texts share it with probability ~n²/2⁶⁵, so no text comparison follows.
+
+Phase 2: one map task per shard sends (hash, key, id, created) rows to partitions by hash; one
+task per partition keeps one survivor per hash group and sends the other rows to their shards'
+drop lists (`cluster.py`). No task and no driver holds more than one partition.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 from pathlib import Path
 from typing import ClassVar
 
@@ -24,12 +27,11 @@ from curation.dedup.cluster import (
     DedupStep,
     check_survivor_rule,
     doc_keys,
-    drops_table,
     group_drops,
     hash_partition,
-    prepare_workdir,
     read_columns,
     read_partition,
+    write_drops_by_shard,
     write_partitioned,
 )
 from curation.document import Document
@@ -65,13 +67,12 @@ class ExactDedup(DedupStep):
     def annotate(self, doc: Document) -> None:
         doc.attributes[ATTR] = exact_hash(doc.text)
 
-    def find_duplicates(self, shards: Sequence[str], workdir: Path, executor: Executor) -> pa.Table:
-        root, ordered = prepare_workdir(workdir, self.name, shards)
+    def find_drops(self, root: Path, shards: list[str], executor: Executor) -> int:
         # Task arguments travel as small tuples in the items (not functools.partial), so any
         # executor that can ship a top-level function can run them.
         counts = executor.map(
             _map_shard,
-            [(i, path, str(root), self.partitions) for i, path in enumerate(ordered)],
+            [(i, path, str(root), self.partitions) for i, path in enumerate(shards)],
             desc="exact dedup: hash shuffle",
         )
         results = executor.map(
@@ -83,9 +84,7 @@ class ExactDedup(DedupStep):
         c[f"{self.name}.docs"] += sum(x["docs"] for x in counts)
         c[f"{self.name}.no_hash"] += sum(x["no_hash"] for x in counts)
         c[f"{self.name}.groups"] += sum(x["groups"] for x in results)
-        c[f"{self.name}.same_id_skipped"] += sum(x["same_id_skipped"] for x in results)
-        rows = [r for x in results for r in x["drops"]]
-        return drops_table(rows)
+        return sum(x["drops"] for x in results)
 
 
 def _map_shard(task: tuple[int, str, str, int]) -> dict[str, int]:
@@ -101,16 +100,17 @@ def _map_shard(task: tuple[int, str, str, int]) -> dict[str, int]:
          "created": pc.fill_null(table["created"].cast(pa.string()), "")},
         schema=_SHUFFLE_SCHEMA,
     )
-    write_partitioned(out, hash_partition(hashes, partitions), partitions, Path(root) / "shuffle", index)
+    write_partitioned(out, hash_partition(hashes, partitions), Path(root) / "shuffle", index)
     return {"docs": len(valid), "no_hash": int((~valid).sum())}
 
 
-def _reduce_partition(task: tuple[int, str, str, str]) -> dict:
-    """Reduce task: one partition's rows grouped by hash; all but one survivor per group drop."""
+def _reduce_partition(task: tuple[int, str, str, str]) -> dict[str, int]:
+    """Reduce task: one partition's rows grouped by hash; all but one survivor per group drop,
+    written towards their shards' drop lists."""
     p, root, rule, reason = task
     table = read_partition(Path(root) / "shuffle", p, _SHUFFLE_SCHEMA)
-    drops, info = group_drops(
+    drops, groups = group_drops(
         table["hash"].to_numpy(), table["key"].to_numpy(), table["id"].to_pylist(),
         table["created"].to_pylist(), rule, reason,
     )
-    return {"drops": drops, **info}
+    return {"groups": groups, "drops": write_drops_by_shard(drops, Path(root), p)}

@@ -25,13 +25,22 @@ and because uint32 wrap-around needs no modulo: half the memory traffic of uint6
 `_minhash` attribute: the signature as little-endian uint32, bands·rows values (bytes), band b
 being values [b·rows, (b+1)·rows); b"" when the document has no word.
 
-Phase 2. Map (per shard): read only the `_minhash` column, hash each band's rows to 64 bits and
-write (band_hash, band, key) rows into `partitions` files by band_hash; key = shard index in the
-sorted shard list << 32 | row (ids and dates are read later, only for candidates). Reduce (per
-partition): equal (band, band_hash) → candidate pairs. Driver: union-find over candidate pairs to
-keep each candidate component in one verification task. Verify (per task): read the candidates'
-texts (only their row groups) and keep pairs with true Jaccard ≥ threshold. Driver: components of
-verified pairs, one survivor each (`earliest`/`latest` `created`, then smallest id).
+Phase 2, through files only (no step holds a corpus-wide structure, the driver included):
+1. band map (per shard): read only the `_minhash` column, hash each band's rows to 64 bits and
+   write (band_hash, band, key) rows into partitions by band_hash; key = shard index in the sorted
+   shard list << 32 | row;
+2. buckets (per partition): equal (band, band_hash) → candidate pairs, sent to a verification
+   partition by a hash of the pair (so a pair found in several bands meets itself), and a request
+   for each member's text sent to the member's shard;
+3. fetch (per shard): read the requested rows once (only their row groups) and send each text to
+   the verification partitions that asked; ids and dates go to the partition of the key;
+4. verify (per partition): keep the pairs whose true Jaccard of word-5-gram sets reaches the
+   threshold, as edges of the component graph;
+5. components (per partition, a few rounds): Large-Star / Small-Star (`components.py`) label
+   each document with its component's smallest key;
+6. survivors: labels meet ids and dates, each component meets in one task, and one survivor
+   stays (`earliest`/`latest` `created`, then smallest id, then key, so two copies with one id
+   still keep exactly one); the rest are sent to their shards' drop lists (`cluster.py`).
 
 Defaults: Dolma 3 uses 26 bands × 11 rows with a true-Jaccard ≥ 0.8 check on word 5-grams (OLMo 3
 report, Dolma 3 fuzzy dedup); FineWeb uses 14 × 8 on 5-grams with no Jaccard check (datatrove 0.10
@@ -43,32 +52,28 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from functools import cache
-from heapq import heappop, heappush
 from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from curation.dedup.cluster import (
     DedupStep,
     check_survivor_rule,
-    connected_components,
     doc_keys,
-    drops_table,
     group_drops,
     hash_partition,
-    load_shard_list,
-    prepare_workdir,
+    key_partition,
     read_columns,
     read_partition,
     read_rows,
     split_keys,
+    write_drops_by_shard,
     write_partitioned,
-    write_table_atomic,
 )
+from curation.dedup.components import EDGE_SCHEMA, label_components, node_labels, step_dir, write_edges
 from curation.document import Document
 from curation.executor import Executor
 
@@ -83,8 +88,12 @@ _BLOCK = 4096
 
 _BAND_SCHEMA = pa.schema([("band_hash", pa.uint64()), ("band", pa.uint16()), ("key", pa.int64())])
 _PAIR_SCHEMA = pa.schema([("key_a", pa.int64()), ("key_b", pa.int64())])
-_RESULT_SCHEMA = pa.schema([("key_a", pa.int64()), ("key_b", pa.int64()), ("jaccard", pa.float64())])
+# A verification partition's request for a document's text, sent to the document's shard.
+_REQUEST_SCHEMA = pa.schema([("key", pa.int64()), ("part", pa.int64())])
+_TEXT_SCHEMA = pa.schema([("key", pa.int64()), ("text", pa.string())])
 _DOCINFO_SCHEMA = pa.schema([("key", pa.int64()), ("id", pa.string()), ("created", pa.string())])
+_MEMBER_SCHEMA = pa.schema([("label", pa.int64()), ("key", pa.int64()), ("id", pa.string()),
+                            ("created", pa.string())])
 
 
 # --------------------------------------------------------------------------------------------
@@ -352,25 +361,26 @@ class MinHashDedup(DedupStep):
         partitions: int = 16,
         *,
         max_bucket_size: int = 64,
-        pairs_per_task: int = 50_000,
         batch_size: int = 256,
     ) -> None:
-        """`max_bucket_size`: a bucket with more members yields only the edges from its
-        smallest key to the others (instead of all k² pairs), bounding work on templated pages;
-        `pairs_per_task`: candidate pairs per verification task; `batch_size`: documents per
-        vectorized signature batch in `run`."""
+        """`partitions`: hash partitions of every phase-2 shuffle (band buckets, verification,
+        components); a partition task holds about docs·bands/partitions band rows, so raise it
+        with the corpus to bound a worker's memory. `max_bucket_size`: a bucket with more members
+        yields only the edges from its smallest key to the others (instead of all k² pairs),
+        bounding work on templated pages; `batch_size`: documents per vectorized signature batch
+        in `run`."""
         super().__init__()
         if bands < 1 or rows < 1 or ngram_size < 1 or partitions < 1:
             raise ValueError("ngram_size, bands, rows and partitions must be >= 1")
         if not 0.0 < jaccard_threshold <= 1.0:
             raise ValueError("jaccard_threshold must be in (0, 1]")
-        if max_bucket_size < 2 or pairs_per_task < 1 or batch_size < 1:
-            raise ValueError("max_bucket_size must be >= 2, pairs_per_task and batch_size >= 1")
+        if max_bucket_size < 2 or batch_size < 1:
+            raise ValueError("max_bucket_size must be >= 2 and batch_size >= 1")
         self.ngram_size, self.bands, self.rows = ngram_size, bands, rows
         self.jaccard_threshold = jaccard_threshold
         self.survivor = check_survivor_rule(survivor)
         self.seed, self.partitions = seed, partitions
-        self.max_bucket_size, self.pairs_per_task, self.batch_size = max_bucket_size, pairs_per_task, batch_size
+        self.max_bucket_size, self.batch_size = max_bucket_size, batch_size
         self.hasher = MinHasher(bands * rows, seed, ngram_size)
 
     # phase 1 --------------------------------------------------------------------------------
@@ -397,52 +407,47 @@ class MinHashDedup(DedupStep):
 
     # phase 2 --------------------------------------------------------------------------------
 
-    def find_duplicates(self, shards: Sequence[str], workdir: Path, executor: Executor) -> pa.Table:
-        root, ordered = prepare_workdir(workdir, self.name, shards)
+    def find_drops(self, root: Path, shards: list[str], executor: Executor) -> int:
         c = self.stats.counters
+        parts = self.partitions
         # Task arguments travel as small tuples in the items (not functools.partial), so any
         # executor that can ship a top-level function can run them.
         mapped = executor.map(
             _band_map_task,
-            [(i, path, str(root), self.bands, self.rows, self.partitions) for i, path in enumerate(ordered)],
+            [(i, path, str(root), self.bands, self.rows, parts) for i, path in enumerate(shards)],
             desc="minhash: band shuffle",
         )
         c[f"{self.name}.docs"] += sum(m["docs"] for m in mapped)
         c[f"{self.name}.no_signature"] += sum(m["no_signature"] for m in mapped)
         reduced = executor.map(
             _bucket_reduce_task,
-            [(p, str(root), self.max_bucket_size) for p in range(self.partitions)],
+            [(p, str(root), self.max_bucket_size, parts) for p in range(parts)],
             desc="minhash: buckets",
         )
         c[f"{self.name}.large_buckets"] += sum(r["large_buckets"] for r in reduced)
-
-        pairs = _read_candidates(root, self.partitions)
-        c[f"{self.name}.candidate_pairs"] += len(pairs)
-        if len(pairs) == 0:
-            return drops_table([])
-        n_tasks = _plan_verification(root, pairs, self.pairs_per_task)
+        if not any(r["pairs"] for r in reduced):
+            return 0
+        executor.map(_fetch_task, [(i, path, str(root), parts) for i, path in enumerate(shards)],
+                     desc="minhash: candidate texts")
         verified = executor.map(
             _verify_task,
-            [(t, str(root), self.ngram_size, self.jaccard_threshold) for t in range(n_tasks)],
+            [(v, str(root), self.ngram_size, self.jaccard_threshold, parts) for v in range(parts)],
             desc="minhash: verify",
         )
+        c[f"{self.name}.candidate_pairs"] += sum(v["pairs"] for v in verified)
         c[f"{self.name}.verified_pairs"] += sum(v["verified"] for v in verified)
         c[f"{self.name}.false_candidates"] += sum(v["pairs"] - v["verified"] for v in verified)
-
-        edges = _concat(root / "verified", _RESULT_SCHEMA)
-        if edges.num_rows == 0:
-            return drops_table([])
-        info = _concat(root / "docs", _DOCINFO_SCHEMA)
-        nodes, comp = connected_components(edges["key_a"].to_numpy(), edges["key_b"].to_numpy())
-        keys = info["key"].to_numpy()
-        order = np.searchsorted(keys, nodes)  # info is sorted by key (see _concat)
-        drops, stats = group_drops(
-            comp, nodes, pc.take(info["id"], order).to_pylist(), pc.take(info["created"], order).to_pylist(),
-            self.survivor, self.reason,
+        if not any(v["verified"] for v in verified):
+            return 0
+        final = label_components(root / "components", parts, executor, desc="minhash: components")
+        executor.map(_members_task, [(p, str(root), str(final), parts) for p in range(parts)],
+                     desc="minhash: component members")
+        grouped = executor.map(
+            _survivor_task, [(q, str(root), self.survivor, self.reason) for q in range(parts)],
+            desc="minhash: survivors",
         )
-        c[f"{self.name}.clusters"] += stats["groups"]
-        c[f"{self.name}.same_id_skipped"] += stats["same_id_skipped"]
-        return drops_table(drops)
+        c[f"{self.name}.clusters"] += sum(g["clusters"] for g in grouped)
+        return sum(g["drops"] for g in grouped)
 
 
 # --------------------------------------------------------------------------------------------
@@ -464,13 +469,20 @@ def _band_map_task(task: tuple[int, str, str, int, int, int]) -> dict[str, int]:
         },
         schema=_BAND_SCHEMA,
     )
-    write_partitioned(out, hash_partition(bh.ravel(), partitions), partitions, Path(root) / "bands", index)
+    write_partitioned(out, hash_partition(bh.ravel(), partitions), Path(root) / "bands", index)
     return {"docs": table.num_rows, "no_signature": int((~ok).sum())}
 
 
-def _bucket_reduce_task(task: tuple[int, str, int]) -> dict[str, int]:
-    """One partition: documents with an equal (band, band_hash) become candidate pairs."""
-    p, root, max_bucket_size = task
+def pair_partition(a: np.ndarray, b: np.ndarray, partitions: int) -> np.ndarray:
+    """The verification partition of the pair (a, b), a < b: the same for every band that finds it."""
+    return key_partition(np.asarray(a, dtype=np.int64) * np.int64(_M & MASK32) ^ np.asarray(b, dtype=np.int64),
+                         partitions)
+
+
+def _bucket_reduce_task(task: tuple[int, str, int, int]) -> dict[str, int]:
+    """One partition: documents with an equal (band, band_hash) become candidate pairs, sent to
+    their verification partition, with a request for each member's text to the member's shard."""
+    p, root, max_bucket_size, partitions = task
     table = read_partition(Path(root) / "bands", p, _BAND_SCHEMA)
     h, band, key = (table[c].to_numpy() for c in ("band_hash", "band", "key"))
     order = np.lexsort((key, h, band))
@@ -495,11 +507,14 @@ def _bucket_reduce_task(task: tuple[int, str, int]) -> dict[str, int]:
             pb_.append(members[j])
     a, b = np.concatenate(pa_), np.concatenate(pb_)
     pairs = np.unique(np.stack([a, b], axis=1), axis=0) if len(a) else np.empty((0, 2), np.int64)
-    write_table_atomic(
-        pa.table({"key_a": pairs[:, 0], "key_b": pairs[:, 1]}, schema=_PAIR_SCHEMA),
-        Path(root) / "candidates" / f"p{p:05d}.parquet",
-    )
-    return {"pairs": len(pairs), "large_buckets": large}
+    a, b = pairs[:, 0], pairs[:, 1]
+    v = pair_partition(a, b, partitions)
+    write_partitioned(pa.table({"key_a": a, "key_b": b}, schema=_PAIR_SCHEMA), v, Path(root) / "pairs", p)
+    req_key, req_v = np.concatenate([a, b]), np.concatenate([v, v])
+    req = np.unique(np.stack([req_key, req_v], axis=1), axis=0) if len(a) else np.empty((0, 2), np.int64)
+    write_partitioned(pa.table({"key": req[:, 0], "part": req[:, 1]}, schema=_REQUEST_SCHEMA),
+                      split_keys(req[:, 0])[0], Path(root) / "requests", p)
+    return {"pairs": len(a), "large_buckets": large}
 
 
 @cache
@@ -507,69 +522,67 @@ def _pairs_of(k: int) -> tuple[np.ndarray, np.ndarray]:
     return np.triu_indices(k, 1)
 
 
-def _read_candidates(root: Path, partitions: int) -> np.ndarray:
-    """All partitions' candidate pairs, deduplicated (a pair can share several bands)."""
-    parts = [pq.read_table(root / "candidates" / f"p{p:05d}.parquet") for p in range(partitions)]
-    t = pa.concat_tables(parts)
-    pairs = np.stack([t["key_a"].to_numpy(), t["key_b"].to_numpy()], axis=1)
-    return np.unique(pairs, axis=0) if len(pairs) else pairs
+def _fetch_task(task: tuple[int, str, str, int]) -> dict[str, int]:
+    """One shard: read the rows candidates asked for (only their row groups), once each, and send
+    each text to every verification partition that asked for it; ids and dates go to the
+    partition of the key, where the components' members meet them."""
+    index, path, root, partitions = task
+    req = read_partition(Path(root) / "requests", index, _REQUEST_SCHEMA)
+    if not req.num_rows:
+        return {"docs": 0}
+    # A pair found in bands of several bucket partitions was asked for once by each of them
+    asked = np.unique(np.stack([req["key"].to_numpy(), req["part"].to_numpy()], axis=1), axis=0)
+    req_key, req_part = asked[:, 0], asked[:, 1]
+    keys = np.unique(req_key)
+    part = read_rows(path, split_keys(keys)[1], ["id", "text", "created"])
+    texts = pc.fill_null(part["text"], "")
+    at = pa.array(np.searchsorted(keys, req_key))
+    write_partitioned(pa.table({"key": req_key, "text": pc.take(texts, at)}, schema=_TEXT_SCHEMA), req_part,
+                      Path(root) / "texts", index)
+    info = pa.table({"key": keys, "id": part["id"].cast(pa.string()),
+                     "created": pc.fill_null(part["created"].cast(pa.string()), "")}, schema=_DOCINFO_SCHEMA)
+    write_partitioned(info, key_partition(keys, partitions), Path(root) / "docinfo", index)
+    return {"docs": len(keys)}
 
 
-def _plan_verification(root: Path, pairs: np.ndarray, pairs_per_task: int) -> int:
-    """Split candidate pairs into tasks, keeping each candidate component in one task (so each
-    document's text is read and shingled once) and balancing pairs per task. Deterministic."""
-    nodes, comp = connected_components(pairs[:, 0], pairs[:, 1])
-    comp_of_pair = comp[np.searchsorted(nodes, pairs[:, 0])]
-    labels, inverse, sizes = np.unique(comp_of_pair, return_inverse=True, return_counts=True)
-    n_tasks = max(1, min(len(labels), -(-len(pairs) // pairs_per_task)))
-    heap = [(0, t) for t in range(n_tasks)]
-    task_of_label = np.empty(len(labels), dtype=np.int64)
-    for lbl in np.lexsort((labels, -sizes)):  # biggest components first, ties by label
-        load, t = heappop(heap)
-        task_of_label[lbl] = t
-        heappush(heap, (load + int(sizes[lbl]), t))
-    task_of_pair = task_of_label[inverse]
-    for t in range(n_tasks):
-        sel = pairs[task_of_pair == t]
-        write_table_atomic(pa.table({"key_a": sel[:, 0], "key_b": sel[:, 1]}, schema=_PAIR_SCHEMA),
-                           root / "verify" / f"t{t:05d}.parquet")
-    return n_tasks
-
-
-def _verify_task(task: tuple[int, str, int, float]) -> dict[str, int]:
-    """Load the texts of this task's candidate documents (per shard, only their row groups and
-    columns), and keep the pairs whose true shingle Jaccard reaches the threshold."""
-    t, root, ngram_size, threshold = task
-    base = Path(root)
-    pairs = pq.read_table(base / "verify" / f"t{t:05d}.parquet")
-    a, b = pairs["key_a"].to_numpy(), pairs["key_b"].to_numpy()
-    keys = np.unique(np.concatenate([a, b]))
-    shard_of, row_of = split_keys(keys)
-    shard_paths = load_shard_list(base)
-    sets: dict[int, np.ndarray] = {}
-    ids: list[str] = []
-    created: list[str] = []
-    for s in np.unique(shard_of).tolist():
-        sel = shard_of == s
-        part = read_rows(shard_paths[s], row_of[sel], ["id", "text", "created"])
-        texts = [x or "" for x in part["text"].to_pylist()]
-        for k, shingles in zip(keys[sel].tolist(), shingle_sets(texts, ngram_size), strict=True):
-            sets[k] = shingles
-        ids.extend(str(x) for x in part["id"].to_pylist())
-        created.extend(x or "" for x in part["created"].cast(pa.string()).to_pylist())
-    # keys were visited shard by shard in key order, so ids/created line up with sorted keys
-    jac = np.array([jaccard(sets[x], sets[y]) for x, y in zip(a.tolist(), b.tolist(), strict=True)])
+def _verify_task(task: tuple[int, str, int, float, int]) -> dict[str, int]:
+    """One verification partition: its candidate pairs (each once) and their texts; the pairs whose
+    true shingle Jaccard reaches the threshold become the edges of the component graph."""
+    v, root, ngram_size, threshold, partitions = task
+    pairs = read_partition(Path(root) / "pairs", v, _PAIR_SCHEMA)
+    if not pairs.num_rows:
+        return {"pairs": 0, "verified": 0}
+    ab = np.unique(np.stack([pairs["key_a"].to_numpy(), pairs["key_b"].to_numpy()], axis=1), axis=0)
+    a, b = ab[:, 0], ab[:, 1]
+    texts = read_partition(Path(root) / "texts", v, _TEXT_SCHEMA).sort_by("key")
+    keys = texts["key"].to_numpy()
+    sets = shingle_sets(texts["text"].to_pylist(), ngram_size)
+    ia, ib = np.searchsorted(keys, a), np.searchsorted(keys, b)
+    jac = np.array([jaccard(sets[x], sets[y]) for x, y in zip(ia.tolist(), ib.tolist(), strict=True)])
     keep = jac >= threshold
-    write_table_atomic(pa.table({"key_a": a[keep], "key_b": b[keep], "jaccard": jac[keep]},
-                                schema=_RESULT_SCHEMA), base / "verified" / f"t{t:05d}.parquet")
-    write_table_atomic(pa.table({"key": keys, "id": ids, "created": created}, schema=_DOCINFO_SCHEMA),
-                       base / "docs" / f"t{t:05d}.parquet")
+    write_edges(a[keep], b[keep], step_dir(Path(root) / "components", 0), partitions, v)
     return {"pairs": len(a), "verified": int(keep.sum())}
 
 
-def _concat(folder: Path, schema: pa.Schema) -> pa.Table:
-    files = sorted(folder.glob("t*.parquet")) if folder.is_dir() else []
-    if not files:
-        return schema.empty_table()
-    t = pa.concat_tables([pq.read_table(f, schema=schema) for f in files])
-    return t.sort_by("key") if "key" in schema.names else t
+def _members_task(task: tuple[int, str, str, int]) -> dict[str, int]:
+    """One partition of nodes: each node's component label joined with its id and date, sent to
+    the partition of the label so that each component meets in one task."""
+    p, root, final, partitions = task
+    nodes, labels = node_labels(read_partition(Path(final), p, EDGE_SCHEMA))
+    if not len(nodes):
+        return {"nodes": 0}
+    info = read_partition(Path(root) / "docinfo", p, _DOCINFO_SCHEMA).sort_by("key")
+    at = pa.array(np.searchsorted(info["key"].to_numpy(), nodes))
+    members = pa.table({"label": labels, "key": nodes, "id": pc.take(info["id"], at),
+                        "created": pc.take(info["created"], at)}, schema=_MEMBER_SCHEMA)
+    write_partitioned(members, key_partition(labels, partitions), Path(root) / "members", p)
+    return {"nodes": len(nodes)}
+
+
+def _survivor_task(task: tuple[int, str, str, str]) -> dict[str, int]:
+    """One partition of components: one survivor each; the other members' drops go to their shards."""
+    q, root, rule, reason = task
+    m = read_partition(Path(root) / "members", q, _MEMBER_SCHEMA)
+    drops, clusters = group_drops(m["label"].to_numpy(), m["key"].to_numpy(), m["id"].to_pylist(),
+                                  m["created"].to_pylist(), rule, reason)
+    return {"clusters": clusters, "drops": write_drops_by_shard(drops, Path(root), q)}

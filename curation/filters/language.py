@@ -14,6 +14,7 @@ and scores above the threshold, while we judge the top language only.
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import os
 from collections.abc import Sequence
@@ -58,6 +59,25 @@ def load_model(path: str) -> Any:
     return model
 
 
+def model_languages(path: str) -> frozenset[str]:
+    """The language codes a fastText LID model can predict (`en`, `de`, ... for lid.176)."""
+    return frozenset(label[len(_LABEL_PREFIX) :] for label in load_model(path).get_labels())
+
+
+# English names of the languages web crawls hold most, to suggest the code for a name in a config.
+LANGUAGE_NAMES = {
+    "english": "en", "german": "de", "deutsch": "de", "french": "fr", "spanish": "es", "italian": "it",
+    "portuguese": "pt", "dutch": "nl", "russian": "ru", "polish": "pl", "czech": "cs", "slovak": "sk",
+    "ukrainian": "uk", "swedish": "sv", "danish": "da", "norwegian": "no", "finnish": "fi",
+    "hungarian": "hu", "romanian": "ro", "bulgarian": "bg", "greek": "el", "turkish": "tr",
+    "arabic": "ar", "hebrew": "he", "persian": "fa", "farsi": "fa", "hindi": "hi", "bengali": "bn",
+    "urdu": "ur", "tamil": "ta", "chinese": "zh", "mandarin": "zh", "japanese": "ja", "korean": "ko",
+    "vietnamese": "vi", "thai": "th", "indonesian": "id", "malay": "ms", "catalan": "ca",
+    "croatian": "hr", "serbian": "sr", "slovenian": "sl", "lithuanian": "lt", "latvian": "lv",
+    "estonian": "et", "latin": "la", "esperanto": "eo", "swahili": "sw", "tagalog": "tl",
+}
+
+
 class LanguageFilter(Filter):
     """Keep documents whose top lid.176 language is in `languages` with probability >= `min_score`.
 
@@ -70,7 +90,7 @@ class LanguageFilter(Filter):
 
     def __init__(
         self,
-        languages: Sequence[str] | None = ("en",),
+        languages: Sequence[str] | str | None = ("en",),
         # 0.65: FineWeb's / datatrove's LanguageFilter default `language_threshold`.
         min_score: float = 0.65,
         model_path: str | None = None,
@@ -87,6 +107,27 @@ class LanguageFilter(Filter):
         if not os.path.isfile(self.model_path):
             raise FileNotFoundError(f"{self.model_path}: no such file. {_INSTALL_HINT}")
         self._model: Any = None
+
+    @staticmethod
+    def validate_params(params: dict[str, Any]) -> None:
+        """Check `languages` against the model's labels when the config loads: a name such as
+        `english` would otherwise match no document and drop them all."""
+        languages = params.get("languages")
+        if languages is None:
+            return
+        if isinstance(languages, str):
+            languages = [languages]
+        try:
+            labels = model_languages(params.get("model_path") or default_model_path())
+        except FileNotFoundError:
+            return  # the constructor reports a missing model, with the install hint
+        for code in languages:
+            if code not in labels:
+                guess = LANGUAGE_NAMES.get(code.lower().strip())
+                close = difflib.get_close_matches(code, sorted(labels), n=1)
+                hint = f"; did you mean {guess or close[0]!r}?" if guess or close else ""
+                raise ValueError(f"parameter `languages`: {code!r} is not a language code of the model"
+                                 f"{hint} (use ISO 639 codes such as 'en', 'de', 'zh')")
 
     # Ray pickles steps to ship them to workers: send the path, reload the model there.
     def __getstate__(self) -> dict[str, Any]:

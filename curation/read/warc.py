@@ -9,14 +9,22 @@ decompressed stream, and warcio, which refuses such files, can read ARC in that 
 
 Only HTTP `response` records with an accepted status and an HTML content type, and WET
 `conversion` records, become Documents. Everything else is counted in `stats.counters` under
-`skipped.<why>` so the read funnel adds up. A truncated or corrupt file yields what came before
-the fault, then one counted `read.malformed` error (file, offset, message) and the file ends.
+`skipped.<why>` so the read funnel adds up.
+
+Damage does not end a WARC/WET file: Common Crawl writes one gzip member per record, so after a
+corrupt member, junk between records or a wrong Content-Length the reader resumes at the next
+member that decompresses into a record, else at the next `WARC/x.y` header (`layout.py`). Each
+damaged stretch is one counted `read.malformed` error (file, offset where it starts, message,
+`resumed_at`), and `counters` keep `read.resynced` (stretches after which reading resumed),
+`read.bytes_skipped` and `skipped.damaged` (records started but lost). A record is only yielded
+once the next record's header parsed where its Content-Length said, so a record with a wrong
+length is dropped, not passed on with its neighbour's bytes in it. ARC files (warcio) still end
+at their first fault.
 """
 
 from __future__ import annotations
 
 import codecs
-import gzip
 import hashlib
 import io
 import os
@@ -24,22 +32,22 @@ import time
 import zlib
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
-from typing import Any, BinaryIO
+from typing import Any
 
 from curation.document import Document
-from curation.read.inputs import open_input
+from curation.read.control_chars import strip_control_chars
+from curation.read.inputs import MissingBackend, open_input
+from curation.read.layout import Layout, open_layout
 from curation.step import StepStats
 
 HTML_CONTENT_TYPES = ("text/html", "application/xhtml+xml")
-# A gzip file whose first member is still open after this much input is treated as one stream.
-_MEMBER_PROBE_BYTES = 4 << 20
 _DRAIN_CHUNK = 1 << 16
 _INPUT_FAULTS = (OSError, EOFError, zlib.error, UnicodeError)
 _PARSER_FAULTS = frozenset({"ArchiveLoadFailed", "StatusAndHeadersParserException"})
 
 
 class MalformedArchive(Exception):
-    """A record or stream fault after which the rest of the file cannot be trusted."""
+    """A damaged record or stream at `offset`; WARC reading resumes after it where it can."""
 
     def __init__(self, message: str, offset: int) -> None:
         super().__init__(message)
@@ -50,9 +58,10 @@ class WarcReader:
     """Yields one Document per usable record of a WARC / WET / ARC file.
 
     `read(path)` counts into `self.stats` (a `StepStats("read")`): `docs_out` (documents it
-    yielded), `seconds` (its own time, not the consumer's), `counters["records"]` and
-    `counters["skipped.<why>"]`, and `errors["read.malformed"]` with samples naming file and
-    offset. `docs_in` stays 0: a reader has no upstream documents.
+    yielded), `seconds` (its own time, not the consumer's), `counters["records"]`,
+    `counters["skipped.<why>"]`, the damage counters (`read.resynced`, `read.bytes_skipped`) and
+    `control_chars_removed`, and `errors["read.malformed"]` with samples naming file and offset.
+    `docs_in` stays 0: a reader has no upstream documents.
     """
 
     name = "read"
@@ -65,6 +74,7 @@ class WarcReader:
         content_types: Iterable[str] = HTML_CONTENT_TYPES,
         max_payload_bytes: int = 10_000_000,
         cache_dir: str | None = None,
+        allow_local_in_listings: bool = False,
     ) -> None:
         self.source = source
         self.added = added
@@ -74,6 +84,9 @@ class WarcReader:
         # (marked WARC-Truncated), so 10 MB only bites on other crawls' videos and archives.
         self.max_payload_bytes = max_payload_bytes
         self.cache_dir = cache_dir
+        # Used where inputs are expanded (`expand_inputs`), before any reader runs; a parameter
+        # here so that the config's `read:` section describes one object.
+        self.allow_local_in_listings = allow_local_in_listings
         self.stats = StepStats(self.name)
 
     # -- public -------------------------------------------------------------------------------
@@ -86,13 +99,18 @@ class WarcReader:
         t0 = time.perf_counter()
         try:
             raw_file = open_input(path, self.cache_dir)
+        except MissingBackend:
+            raise  # a setup problem for every remote input, not a fault of this file
         except Exception as e:  # noqa: BLE001 - missing file, failed download: retried on a rerun
             stats.error("read.unavailable", file=str(path), message=f"{type(e).__name__}: {e}")
             return
         try:
             with raw_file as raw:
-                stream, fmt = _prepare(raw)
-                records = self._warc(stream, fname, cursor) if fmt == "warc" else self._arc(stream, fname, cursor)
+                layout, first = open_layout(raw)
+                if first.startswith(b"filedesc://"):
+                    records = self._arc(layout, fname, cursor)
+                else:
+                    records = self._warc(layout, first, fname, str(path))
                 for doc in records:
                     stats.docs_out += 1
                     stats.seconds += time.perf_counter() - t0
@@ -109,29 +127,100 @@ class WarcReader:
 
     # -- WARC / WET (FastWARC) ----------------------------------------------------------------
 
-    def _warc(self, stream: BinaryIO, fname: str, cursor: _Cursor) -> Iterator[Document]:
+    def _warc(self, layout: Layout, first: bytes, fname: str, path: str) -> Iterator[Document]:
+        """Records from the start, resuming after each damaged stretch (see the module docstring)."""
         from fastwarc.warc import ArchiveIterator, WarcRecordType
 
         counters = self.stats.counters
-        response, conversion = WarcRecordType.response, WarcRecordType.conversion
-        it = ArchiveIterator(stream, record_types=WarcRecordType.any_type, parse_http=False, fsspec_args=False)
-        for rec in it:
-            cursor.offset = rec.stream_pos
-            counters["records"] += 1
-            if rec.headers.get("Content-Length") is None:
-                # FastWARC accepts a header block cut off by the end of the file as a record.
-                raise MalformedArchive("record header without Content-Length (truncated?)", rec.stream_pos)
-            rtype = rec.record_type
-            if rtype == response:
-                doc = self._warc_response(rec, fname)
-            elif rtype == conversion:
-                doc = self._warc_conversion(rec, fname)
-            else:
-                _drain(rec.reader, rec.content_length, rec.stream_pos)
-                counters[f"skipped.{_type_name(rtype)}"] += 1
-                continue
-            if doc is not None:
-                yield doc
+        pos = 0
+        damage: _Damage | None = None
+        if not first.startswith(b"WARC/"):
+            resume = layout.next_record(1)
+            if resume is None:
+                raise MalformedArchive(f"not a WARC or ARC file (starts with {first[:16]!r})", 0)
+            damage = self._damaged(path, 0, f"no WARC record at the start of the file (starts with {first[:16]!r})")
+            pos = resume
+        while True:
+            layout.stream.seek(pos)
+            records = ArchiveIterator(layout.stream, record_types=WarcRecordType.any_type, parse_http=False,
+                                      fsspec_args=False)
+            pending: Document | None = None  # yielded once the next header proves its length right
+            current: int | None = None  # offset of the record being read
+            last: tuple[int, int] | None = None  # (offset, Content-Length) of the last whole record
+            try:
+                for rec in records:
+                    current = rec.stream_pos
+                    length = rec.content_length
+                    if pending is not None:
+                        yield pending
+                        pending = None
+                    if damage is not None:
+                        counters["read.resynced"] += 1
+                        counters["read.bytes_skipped"] += current - damage.start
+                        damage.resumed_at(current)
+                        damage = None
+                    counters["records"] += 1
+                    pending = self._record(rec, fname)
+                    last = (current, length)  # read before parse_http, which shrinks content_length
+                    current = None
+                if pending is not None:
+                    yield pending
+                if damage is not None:  # resumed at a header that led nowhere: damaged to the end
+                    counters["read.bytes_skipped"] += max(layout.size() - damage.start, 0)
+                    return
+                stopped = layout.fault()
+                if stopped is None:
+                    return
+                # A whole-file gzip stream ends at its damage: say so instead of ending quietly.
+                raise MalformedArchive(stopped, last[0] if last else pos)
+            except (MalformedArchive, *_INPUT_FAULTS) as e:
+                message = str(e) if isinstance(e, MalformedArchive) else f"{type(e).__name__}: {e}"
+                stopped = layout.fault()
+                if stopped and stopped not in message:
+                    message += f" ({stopped})"
+                if current is not None:  # the record being read is damaged
+                    counters["skipped.damaged"] += 1
+                    bad, search = current, current + 1
+                elif last is not None:  # the parser failed after `last`: check that `last` was whole
+                    end = layout.record_end(*last)
+                    if pending is not None:
+                        if end is not None:
+                            yield pending
+                        else:
+                            counters["skipped.damaged"] += 1
+                    bad, search = (end, end) if end is not None else (last[0], last[0] + 1)
+                else:  # nothing readable where we (re)started
+                    bad, search = pos, pos + 1
+                if damage is None:
+                    damage = self._damaged(path, bad, message)
+                resume = layout.next_record(search)
+                if resume is None:
+                    counters["read.bytes_skipped"] += max(layout.size() - damage.start, 0)
+                    return
+                pos = resume
+
+    def _damaged(self, path: str, offset: int, message: str) -> _Damage:
+        """Count one damaged stretch starting at `offset`; the sample learns where reading resumed."""
+        samples = self.stats.samples
+        n = len(samples)
+        self.stats.error("read.malformed", file=path, offset=offset, message=message)
+        return _Damage(offset, samples[-1] if len(samples) > n else None)
+
+    def _record(self, rec: Any, fname: str) -> Document | None:
+        """The Document of one WARC record, or None (counted) if it is not one to keep."""
+        from fastwarc.warc import WarcRecordType
+
+        if rec.headers.get("Content-Length") is None:
+            # FastWARC accepts a header block cut off by the end of the file as a record.
+            raise MalformedArchive("record header without Content-Length (truncated?)", rec.stream_pos)
+        rtype = rec.record_type
+        if rtype == WarcRecordType.response:
+            return self._warc_response(rec, fname)
+        if rtype == WarcRecordType.conversion:
+            return self._warc_conversion(rec, fname)
+        _drain(rec.reader, rec.content_length, rec.stream_pos)
+        self.stats.counters[f"skipped.{_type_name(rtype)}"] += 1
+        return None
 
     def _warc_response(self, rec: Any, fname: str) -> Document | None:
         counters = self.stats.counters
@@ -179,7 +268,9 @@ class WarcReader:
         doc = self._doc(rid, url, date, fname, rec.stream_pos, ctype, None, raw=None, charset=None,
                         record_id=headers.get("WARC-Record-ID", ""))
         # WET text is UTF-8 by Common Crawl's spec; replace rather than drop the odd bad byte.
-        doc.text = body.decode("utf-8", errors="replace")
+        doc.text, removed = strip_control_chars(body.decode("utf-8", errors="replace"))
+        if removed:
+            self.stats.counters["control_chars_removed"] += removed
         lang = headers.get("WARC-Identified-Content-Language")
         if lang:
             doc.metadata["cc_lang"] = lang
@@ -187,11 +278,11 @@ class WarcReader:
 
     # -- ARC (warcio) -------------------------------------------------------------------------
 
-    def _arc(self, stream: BinaryIO, fname: str, cursor: _Cursor) -> Iterator[Document]:
+    def _arc(self, layout: Layout, fname: str, cursor: _Cursor) -> Iterator[Document]:
         from warcio.archiveiterator import ArchiveIterator
 
         counters = self.stats.counters
-        it = ArchiveIterator(stream, arc2warc=True)
+        it = ArchiveIterator(layout.stream, arc2warc=True)
         for rec in it:
             counters["records"] += 1
             if rec.rec_type != "response":
@@ -230,6 +321,8 @@ class WarcReader:
             rid = _record_uuid(None, url, date)
             yield self._doc(rid, url, date, fname, offset, ctype or None, status, raw=body,
                             charset=_charset_from_content_type(ctype_header), record_id="")
+        if layout.fault():
+            raise MalformedArchive(layout.fault() or "", cursor.offset)
 
     # -- shared -------------------------------------------------------------------------------
 
@@ -282,60 +375,18 @@ class _Cursor:
         self.offset = 0
 
 
-# -- stream set-up ------------------------------------------------------------------------------
+class _Damage:
+    """A damaged stretch of a file: where it starts, and the error sample to complete."""
 
+    __slots__ = ("sample", "start")
 
-def _prepare(raw: BinaryIO) -> tuple[BinaryIO, str]:
-    """Pick the decompression layout and the format ("warc" or "arc") from the first bytes."""
-    head = raw.read(2)
-    raw.seek(0)
-    stream: BinaryIO = raw
-    if head == b"\x1f\x8b" and not _multi_member(raw):
-        stream = gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[assignment]
-        first = stream.peek(16)[:16] if hasattr(stream, "peek") else b""
-    elif head == b"\x1f\x8b":
-        first = _gunzip_head(raw, 16)
-    else:
-        first = raw.read(16)
-        raw.seek(0)
-    if first.startswith(b"WARC/"):
-        return stream, "warc"
-    if first.startswith(b"filedesc://"):
-        return stream, "arc"
-    raise MalformedArchive(f"not a WARC or ARC file (starts with {first[:16]!r})", 0)
+    def __init__(self, start: int, sample: dict[str, Any] | None) -> None:
+        self.start = start
+        self.sample = sample
 
-
-def _multi_member(raw: BinaryIO) -> bool:
-    """True when the first gzip member ends before the file does (one member per record)."""
-    d = zlib.decompressobj(wbits=31)
-    read = 0
-    try:
-        while read < _MEMBER_PROBE_BYTES:
-            chunk = raw.read(_DRAIN_CHUNK)
-            if not chunk:
-                return False
-            read += len(chunk)
-            d.decompress(chunk, 1 << 16)
-            # Drain what the output cap held back, so `eof` reflects the whole chunk.
-            while d.unconsumed_tail and not d.eof:
-                d.decompress(d.unconsumed_tail, 1 << 16)
-            if d.eof:
-                return bool(d.unused_data) or bool(raw.read(1))
-        return False
-    except zlib.error:
-        return True  # let the record parser report the fault with its offset
-    finally:
-        raw.seek(0)
-
-
-def _gunzip_head(raw: BinaryIO, n: int) -> bytes:
-    d = zlib.decompressobj(wbits=31)
-    try:
-        return d.decompress(raw.read(_DRAIN_CHUNK), n)
-    except zlib.error:
-        return b""
-    finally:
-        raw.seek(0)
+    def resumed_at(self, offset: int) -> None:
+        if self.sample is not None:
+            self.sample["resumed_at"] = offset
 
 
 # -- record helpers -----------------------------------------------------------------------------

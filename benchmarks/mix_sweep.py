@@ -1,0 +1,160 @@
+"""The mixing guide end to end from the CLI: classifiers, pools, a 32-proxy sweep on Ray, fit, upsample, validate.
+
+Runs every command of docs/mixing.md on `pipelines/configs/mix.yaml` (paths moved under --work), in
+fresh processes, and times each. Also measures the sweep's scaling from 1 to 2 Ray workers on a
+smaller sweep over the same pools. Prints the table for docs/benchmarks.md and writes JSON to --out.
+
+    .venv/bin/python benchmarks/mix_sweep.py --out results/mix_sweep.json       # ~45-60 min on 2 quiet cores
+    .venv/bin/python benchmarks/mix_sweep.py --quick --work /tmp/mixq          # smoke run, ~3 min
+
+Expected runtime of the full run on 2 quiet cores: classifiers + tokenizer + pools ~3 min; scaling
+(4 proxies on 1 worker, then on 2) ~8 min; the 32-proxy sweep (1m model, 250k tokens each, 2
+workers) ~20-25 min; fit < 1 min; validation (4 runs of a ~3M model, 250k tokens) ~8-10 min.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(cmd: list[str], env: dict[str, str]) -> tuple[float, str]:
+    """Run `refinery CMD...` in a fresh process; returns (seconds, stdout); a failure stops the benchmark."""
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, "-m", "pipelines.cli", "-q", *cmd], cwd=REPO, env=env, capture_output=True,
+                       text=True)
+    seconds = time.perf_counter() - t0
+    print(f"  {' '.join(cmd[:3])}: {seconds:.1f} s", flush=True)
+    if p.returncode != 0:
+        sys.exit(f"refinery {' '.join(cmd)} failed ({p.returncode}):\n{p.stderr[-3000:]}")
+    return seconds, p.stdout
+
+
+def config(work: Path, data: Path, proxies: int, tokens: int, quick: bool, **sweep: Any) -> dict[str, Any]:
+    cfg = yaml.safe_load((REPO / "pipelines/configs/mix.yaml").read_text())
+    cfg["output"] = str(work / "mix")
+    cfg["tokenizer"] = str(work / "tokenizer/tokenizer.json")
+    cfg["web"]["quality_model"] = str(work / "classifiers/quality")
+    cfg["web"]["topic_model"] = str(work / "classifiers/topic")
+    shared = "../shared/data"
+
+    def move(p: str) -> str:
+        return str(data / p[len(shared) + 1:]) if p.startswith(shared) else p
+
+    cfg["web"]["corpus"] = [move(p) for p in cfg["web"]["corpus"]]
+    for section in (*cfg["sources"], *cfg["targets"]):
+        if section.get("paths"):
+            section["paths"] = [move(p) for p in section["paths"]]
+    cfg["sweep"].update({"proxies": proxies, "tokens": tokens, **sweep})
+    if quick:
+        cfg["sweep"].update({"seq_len": 64, "batch_size": 8, "eval_batches": 2})
+        cfg["fit"].update({"candidates": 5000, "top_k": 20, "folds": 3, "budget_tokens": 1_000_000})
+        cfg["validate"].update({"tokens": tokens, "seq_len": 64, "batch_size": 8, "eval_batches": 2})
+    return cfg
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--work", default="runs/bench_mix", help="working directory (pools, sweeps, models)")
+    ap.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
+    ap.add_argument("--proxies", type=int, default=32)
+    ap.add_argument("--tokens", type=int, default=250_000, help="training tokens per proxy")
+    ap.add_argument("--workers", type=int, default=2, help="Ray workers of the main sweep and the validation")
+    ap.add_argument("--scaling-proxies", type=int, default=4, help="proxies of the 1-vs-2-worker runs (0: skip)")
+    ap.add_argument("--quick", action="store_true", help="6 proxies of 8k tokens: checks the benchmark runs")
+    ap.add_argument("--out", default=None, help="JSON results file")
+    args = ap.parse_args()
+    if args.quick:
+        args.proxies, args.tokens, args.scaling_proxies = 6, 8192, 2
+    work, data = Path(args.work).resolve(), Path(args.data).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
+    times: dict[str, float] = {}
+
+    print("classifiers and tokenizer", flush=True)
+    per_source = ["--max-per-source", "500"] if args.quick else []
+    for kind in ("quality", "topic"):
+        times[f"classify_{kind}"], out = run(["classify", "train", "--kind", kind, "-o",
+                                              str(work / "classifiers" / kind), "--data", str(data), *per_source], env)
+        print("   ", out.strip())
+    times["tokenizer"], _ = run(["tokenizer", "train", "-i", str(data / "text/wikitext2/valid.txt"),
+                                 str(data / "web_text/c4_en_sample/c4_en_train_first1000.jsonl"), "--vocab-size",
+                                 "4096", "-o", str(work / "tokenizer/tokenizer.json")], env)
+    main_cfg = work / "mix.yaml"
+    main_cfg.write_text(yaml.safe_dump(config(work, data, args.proxies, args.tokens, args.quick), sort_keys=False))
+    print("pools", flush=True)
+    times["pools"], out = run(["mix", "pools", str(main_cfg)], env)
+    print(out)
+    pools = json.loads((work / "mix/pools/pools.json").read_text())
+
+    scaling: dict[str, Any] = {}
+    if args.scaling_proxies:
+        print(f"scaling: {args.scaling_proxies} proxies on 1 worker, then 2", flush=True)
+        for workers in (1, 2):
+            sub = work / f"scale{workers}"
+            sub.mkdir(exist_ok=True)
+            cfg = config(work, data, args.scaling_proxies, args.tokens, args.quick)
+            cfg["output"] = str(sub)
+            if not (sub / "pools").exists():
+                (sub / "pools").symlink_to(work / "mix/pools")  # the same pools, tokenized once
+            path = sub / "mix.yaml"
+            path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+            seconds, _ = run(["mix", "sweep", str(path), "--workers", str(workers)], env)
+            scaling[f"{workers}_worker_seconds"] = round(seconds, 1)
+        scaling["speedup"] = round(scaling["1_worker_seconds"] / scaling["2_worker_seconds"], 2)
+
+    print(f"sweep: {args.proxies} proxies on {args.workers} workers", flush=True)
+    times["sweep"], out = run(["mix", "sweep", str(main_cfg), "--workers", str(args.workers)], env)
+    sweep = json.loads((work / "mix/sweep/summary.json").read_text())
+    print("fit", flush=True)
+    times["fit"], out = run(["mix", "fit", str(main_cfg)], env)
+    fit = json.loads((work / "mix/fit/report.json").read_text())
+    times["upsample"], _ = run(["mix", "upsample", str(main_cfg)], env)
+    print("validate", flush=True)
+    times["validate"], out = run(["mix", "validate", str(main_cfg), "--workers", str(args.workers)], env)
+    validate = json.loads((work / "mix/validate/report.json").read_text())
+
+    s = fit["summary"]
+    result = {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "settings": {"proxies": args.proxies, "tokens_per_proxy": args.tokens, "workers": args.workers,
+                     "pools": len(pools["pools"]), "targets": [t["name"] for t in pools["targets"]]},
+        "seconds": {k: round(v, 1) for k, v in times.items()},
+        "sweep": {k: sweep.get(k) for k in ("ok", "failed", "wall_seconds", "proxies_per_core_hour", "cores")},
+        "scaling": scaling,
+        "fit": {"kfold_spearman": s["kfold_spearman"], "kfold_mae": s["kfold_mae"], "chosen": s["chosen_model"],
+                "predicted_bpb": s["predicted_bpb"], "weights": fit["weights"]},
+        "validate": {"model": validate["model"], "tokens": validate["tokens"], "verdict": validate["verdict"],
+                     "objective": {k: r["objective"] for k, r in validate["mixtures"].items()}},
+    }
+    print()
+    print("| pools | proxies | sweep wall | proxies / core-hour | 1→2 workers | k-fold Spearman "
+          "(lightgbm / loglinear / linear) |")
+    print("|---:|---:|---:|---:|---:|---|")
+    sp = s["kfold_spearman"]
+    print(f"| {len(pools['pools'])} | {sweep['ok']}/{args.proxies} | {sweep['wall_seconds']} s | "
+          f"{sweep.get('proxies_per_core_hour')} | {scaling.get('speedup', 'n/a')}× | "
+          + " / ".join("n/a" if sp[m] is None else f"{sp[m]:.3f}" for m in ("lightgbm", "loglinear", "linear"))
+          + " |")
+    print()
+    print(validate["table"])
+    if args.out:
+        out_path = Path(args.out)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"\nwritten to {out_path}")
+
+
+if __name__ == "__main__":
+    main()
