@@ -27,6 +27,7 @@ import math
 import re
 import statistics
 import sys
+import textwrap
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -118,7 +119,8 @@ def scrapinghub_scores(pairs: list[tuple[str, str]], n: int = 1) -> tuple[float,
 
 
 def snippet_scores(texts: dict[str, str], entries: list[tuple[str, dict[str, Any]]]) -> tuple[float, float]:
-    """Shares of evaldata's must-have snippets found and must-not snippets avoided (as tests/test_extract.py)."""
+    """Shares of evaldata's must-have snippets found and must-not snippets avoided, as in
+    tests/test_extract.py."""
     def norm(s: str) -> str:
         return _WS.sub(" ", s).strip()
 
@@ -176,15 +178,18 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             texts, rate, spread = timed(extract, [p[1] for p in pages], args.repeats)
             pairs = [(p[2], t) for p, t in zip(pages, texts, strict=True)]
             f1, precision, recall = scrapinghub_scores(pairs)
-            rows.append({"set": label, "extractor": name, "f1": f1, "precision": precision, "recall": recall,
-                         "shingle_f1": scrapinghub_scores(pairs, 4)[0], "pages_per_s": rate, "spread": spread})
+            rows.append({"set": label, "extractor": name, "f1": f1, "precision": precision,
+                         "recall": recall, "shingle_f1": scrapinghub_scores(pairs, 4)[0],
+                         "pages_per_s": rate, "spread": spread})
             _print_row(rows[-1])
         if DATA.is_dir():
             pages_eval, entries = load_evaldata()
             texts, rate, spread = timed(extract, [h for _, h in pages_eval], args.repeats)
-            found, avoided = snippet_scores(dict(zip((u for u, _ in pages_eval), texts, strict=True)), entries)
-            rows.append({"set": f"evaldata ({len(pages_eval)} pages, {len(entries)} entries)", "extractor": name,
-                         "found": found, "avoided": avoided, "pages_per_s": rate, "spread": spread})
+            urls = [u for u, _ in pages_eval]
+            found, avoided = snippet_scores(dict(zip(urls, texts, strict=True)), entries)
+            rows.append({"set": f"evaldata ({len(pages_eval)} pages, {len(entries)} entries)",
+                         "extractor": name, "found": found, "avoided": avoided, "pages_per_s": rate,
+                         "spread": spread})
             _print_row(rows[-1])
     return rows
 
@@ -192,8 +197,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 def _print_row(r: dict[str, Any]) -> None:
     speed = f"{r['pages_per_s']:7.0f} ±{r['spread'] / 2:4.0f} pages/s"
     if "f1" in r:
-        print(f"{r['set']:52} {r['extractor']:12} F1 {r['f1']:.3f}  P {r['precision']:.3f}  R {r['recall']:.3f}  "
-              f"shingle F1 {r['shingle_f1']:.3f}  {speed}", flush=True)
+        print(f"{r['set']:52} {r['extractor']:12} F1 {r['f1']:.3f}  P {r['precision']:.3f}  "
+              f"R {r['recall']:.3f}  shingle F1 {r['shingle_f1']:.3f}  {speed}", flush=True)
     else:
         print(f"{r['set']:52} {r['extractor']:12} must-have found {r['found']:.1%}  must-not avoided "
               f"{r['avoided']:.1%}  {speed}", flush=True)
@@ -214,7 +219,8 @@ def line_labels(lines: list[Any], truth: str) -> tuple[list[float], list[float]]
         if len(tokens) < 5:
             labels.append(float(bool(tokens) and f" {' '.join(tokens)} " in joined))
         else:
-            labels.append(sum(tuple(tokens[i:i + 3]) in shingles for i in range(len(tokens) - 2)) / (len(tokens) - 2))
+            found = sum(tuple(tokens[i:i + 3]) in shingles for i in range(len(tokens) - 2))
+            labels.append(found / (len(tokens) - 2))
         weights.append(float(len(tokens)))
     return labels, weights
 
@@ -282,20 +288,24 @@ def fit(args: argparse.Namespace) -> str:
         beta -= step
         if np.abs(step).max() < 1e-6:
             break
-    out = [f"_MODEL: Model = (\n    {beta[0]:.3f},\n    ("]
+    out = ["_MODEL: Model = (", f"    {beta[0]:.3f},", "    ("]
     at = 1
     for (name, _), e in zip(FEATURES, edges, strict=True):
         weights = beta[at:at + len(e) + 1]
         at += len(e) + 1
-        out.append(f"        (({', '.join(f'{v:.3g}' for v in e)}{',' if len(e) == 1 else ''}), "
-                   f"({', '.join(f'{v:.3f}' for v in weights)})),  # {name}")
+        out.append(f"        (  # {name}")
+        for values, fmt in ((e, "{:.3g}"), (weights, "{:.3f}")):
+            body = ", ".join(fmt.format(v) for v in values) + ("," if len(values) == 1 else "")
+            out += textwrap.wrap(f"({body}),", 110, initial_indent=" " * 12, subsequent_indent=" " * 13)
+        out.append("        ),")
     out.append("    ),\n)")
     print(f"fitted on {len(pages)} WCXB dev pages, {len(y)} lines", file=sys.stderr)
     return "\n".join(out)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="accuracy and pages/s, side by side")
     r.add_argument("--extractors", nargs="+", default=["resiliparse", "trafilatura", "hybrid"])
@@ -310,7 +320,8 @@ def main() -> None:
         p.add_argument("--bench-dir", type=Path, default=Path("/tmp/extract_bench"))
     args = parser.parse_args()
     if not args.bench_dir.is_dir():
-        parser.error(f"--bench-dir {args.bench_dir} does not exist; see this script's docstring for its layout")
+        parser.error(f"--bench-dir {args.bench_dir} does not exist; its layout is in this script's "
+                     "docstring")
     if args.command == "fit":
         print(fit(args))
         return

@@ -1,18 +1,20 @@
 """The `hybrid` extractor: resiliparse's main-content extraction, then a line classifier.
 
 resiliparse finds the main content fast but keeps what sits around an article body (titles,
-bylines, captions, "related" links, share and newsletter lines); its main-content heuristic also
+bylines, captions, "related" teasers, share and newsletter lines), and its main-content heuristic
 returns next to nothing on some pages. Here resiliparse renders its main content as minimal HTML
-(paragraphs, headings, list items and links survive), each line gets ~20 cheap features (its block
-element, words, link share, punctuation, where it sits relative to the page's run of body
-paragraphs, ...), and a logistic model over binned features (a generalised additive model: one
-small step function per feature, `_MODEL`) keeps the lines it scores above one half. A page whose
-main content has under `FALLBACK_WORDS` words is extracted again without resiliparse's heuristic
-(from the same parsed tree) and the classifier alone decides.
+(paragraphs, headings, list items and preformatted text keep their element), each line gets a dozen
+cheap features (its element and list depth, words, end punctuation, where it sits relative to the
+page's run of body paragraphs, its neighbours' lengths, the page's size), and a logistic model over
+binned features (a generalised additive model: one small step function per feature, `_MODEL`)
+keeps the lines it scores above one half. A page whose main content has under `FALLBACK_WORDS`
+words is extracted again from the same parsed tree without resiliparse's heuristic, and the
+classifier alone decides.
 
-The weights were fitted by `python benchmarks/extraction.py fit` on the 793 article pages of the
-WCXB development split (CC-BY-4.0, Murrough Foley 2026), which lives outside the repository; the
-figures and held-out sets are in docs/benchmarks.md ("Extraction accuracy").
+The weights were fitted by `python benchmarks/extraction.py fit` on the 1,497 pages of the WCXB
+development split (github.com/Murrough-Foley/web-content-extraction-benchmark, CC-BY-4.0), article
+lines weighted 4x; the data stays outside the repository. Accuracy and speed against resiliparse and
+trafilatura on held-out sets: docs/benchmarks.md, "Extraction accuracy".
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ import html as _html
 import math
 import re
 from dataclasses import dataclass
-from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -54,12 +55,14 @@ _END = frozenset('.!?:;"\u201d\u2019)\u00bb\u3002\uff01\uff1f')
 
 @dataclass(slots=True)
 class Line:
+    """One line of resiliparse's output and where it came from."""
+
     text: str
     tag: str  # one of TAGS
     depth: int  # list nesting
     block: int  # index of the block element the line belongs to
-    bullet: str = ""
-    words: int = 0  # "• " or "3. " on the first line of a list item
+    bullet: str  # "• " or "3. " on the first line of a list item, else ""
+    words: int
 
 
 def parse_lines(markup: str) -> list[Line]:
@@ -69,12 +72,14 @@ def parse_lines(markup: str) -> list[Line]:
     block = 0
     bullet = ""
     lists: list[list[int]] = []  # per open list: [ordered, items so far]
-    pos = 0
     # Every tag left in the markup ends a line (<a> is not rendered), so the text between two tags
-    # is whole lines; resiliparse escapes '<', so text never holds a tag.
-    for m in chain(_TAG.finditer(markup), (None,)):
-        text = markup[pos:m.start()] if m is not None else markup[pos:]
-        if not text.isspace():
+    # is whole lines; resiliparse escapes '<', so text never holds a tag. split() gives text,
+    # closing slash, tag name, text, ...
+    parts = _TAG.split(markup)
+    last = len(parts) - 1
+    for i in range(0, len(parts), 3):
+        text = parts[i]
+        if text and not text.isspace():
             for piece in text.split("\n"):
                 piece = piece.rstrip() if tag == "pre" else piece.strip()
                 if piece:
@@ -82,10 +87,9 @@ def parse_lines(markup: str) -> list[Line]:
                         piece = _html.unescape(piece)
                     lines.append(Line(piece, tag, len(lists), block, bullet, len(piece.split())))
                     bullet = ""
-        if m is None:
+        if i == last:
             break
-        pos = m.end()
-        closing, name = m.groups()
+        closing, name = parts[i + 1], parts[i + 2]
         if name == "br":
             continue
         block += 1
@@ -195,8 +199,8 @@ def render(lines: list[Line]) -> str:
     prev: Line | None = None
     for ln in lines:
         if prev is not None:
-            new_block = ln.block != prev.block
-            out.append("\n\n" if new_block and ("p" in (ln.tag, prev.tag) or "h" in (ln.tag, prev.tag)) else "\n")
+            paragraph = ln.tag in ("p", "h") or prev.tag in ("p", "h")
+            out.append("\n\n" if paragraph and ln.block != prev.block else "\n")
         out.append(f"{'  ' * ln.depth}{ln.bullet}{ln.text}" if ln.bullet else ln.text)
         prev = ln
     return "".join(out)
@@ -227,18 +231,55 @@ def hybrid_text(html: str) -> str:
 _MODEL: Model = (
     0.982,
     (
-        ((0.5, 1.5, 2.5, 3.5, 4.5, 5.5, 6.5, 7.5, 8.5, 9.5, 10.5, 11.5, 12.5, 13.5), (-1.256, -0.972, -1.879, 0.612, 0.382, 0.319, -0.052, 0.679, -0.485, -0.251, 0.828, 0.758, -0.245, 0.031, 1.530)),  # tag_x_region
-        ((0.5, 1.5, 2.5, 3.5, 4.5), (-0.770, 0.551, 0.309, -0.423, 0.398, -0.064)),  # body_tag_x_region
-        ((1.1, 1.39, 1.95, 2.57, 3.47), (0.092, -0.132, 0.027, -0.001, -0.182, 0.195)),  # log_words
-        ((0.5,), (-0.411, 0.411)),  # ends_with_punct
-        ((0.5,), (-0.063, 0.063)),  # short_without_punct
-        ((0, 0.694, 1.39, 2.31), (0.517, -0.006, 0.048, -0.136, -0.425)),  # log_anchor_distance
-        ((1.39, 2.08, 2.84, 3.53, 4.18), (-0.177, 0.046, -0.164, 0.048, 0.279, -0.033)),  # log_block_words
-        ((0.145, 0.321, 0.494, 0.672, 0.845), (0.370, 0.691, 0.424, 0.071, -0.294, -1.262)),  # words_before_share
-        ((1.1, 1.39, 1.95, 2.49, 3.47), (-0.264, -0.379, 0.154, 0.101, 0.133, 0.256)),  # log_prev_words
-        ((1.1, 1.39, 1.95, 2.57, 3.47), (-0.451, -0.192, 0.028, 0.120, 0.225, 0.270)),  # log_next_words
-        ((0, 0.575, 0.75), (-0.089, -0.089, 0.005, 0.173)),  # other_tag_x_body_share
-        ((6.84, 7.31, 7.66, 8.05, 8.44), (0.018, -0.062, 0.446, 0.270, 0.231, -0.904)),  # log_page_words
+        (  # tag_x_region
+            (0.5, 1.5, 2.5, 3.5, 4.5, 5.5, 6.5, 7.5, 8.5, 9.5, 10.5, 11.5, 12.5, 13.5),
+            (-1.256, -0.972, -1.879, 0.612, 0.382, 0.319, -0.052, 0.679, -0.485, -0.251, 0.828, 0.758, -0.245,
+             0.031, 1.530),
+        ),
+        (  # body_tag_x_region
+            (0.5, 1.5, 2.5, 3.5, 4.5),
+            (-0.770, 0.551, 0.309, -0.423, 0.398, -0.064),
+        ),
+        (  # log_words
+            (1.1, 1.39, 1.95, 2.57, 3.47),
+            (0.092, -0.132, 0.027, -0.001, -0.182, 0.195),
+        ),
+        (  # ends_with_punct
+            (0.5,),
+            (-0.411, 0.411),
+        ),
+        (  # short_without_punct
+            (0.5,),
+            (-0.063, 0.063),
+        ),
+        (  # log_anchor_distance
+            (0, 0.694, 1.39, 2.31),
+            (0.517, -0.006, 0.048, -0.136, -0.425),
+        ),
+        (  # log_block_words
+            (1.39, 2.08, 2.84, 3.53, 4.18),
+            (-0.177, 0.046, -0.164, 0.048, 0.279, -0.033),
+        ),
+        (  # words_before_share
+            (0.145, 0.321, 0.494, 0.672, 0.845),
+            (0.370, 0.691, 0.424, 0.071, -0.294, -1.262),
+        ),
+        (  # log_prev_words
+            (1.1, 1.39, 1.95, 2.49, 3.47),
+            (-0.264, -0.379, 0.154, 0.101, 0.133, 0.256),
+        ),
+        (  # log_next_words
+            (1.1, 1.39, 1.95, 2.57, 3.47),
+            (-0.451, -0.192, 0.028, 0.120, 0.225, 0.270),
+        ),
+        (  # other_tag_x_body_share
+            (0, 0.575, 0.75),
+            (-0.089, -0.089, 0.005, 0.173),
+        ),
+        (  # log_page_words
+            (6.84, 7.31, 7.66, 8.05, 8.44),
+            (0.018, -0.062, 0.446, 0.270, 0.231, -0.904),
+        ),
     ),
 )
 

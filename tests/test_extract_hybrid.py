@@ -8,6 +8,7 @@ import pickle
 import re
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -27,12 +28,12 @@ from curation.extract_hybrid import (
 from curation.read.warc import WarcReader
 
 PARAGRAPHS = [
-    "The city council voted on Tuesday to rebuild the old stone bridge over the river, ending a debate that "
-    "had lasted for almost ten years.",
-    "Engineers had warned in 2019 that the bridge, which carries about twelve thousand cars a day, would need "
-    "major repairs within five years.",
-    "The new design keeps the original arches but widens the deck, adding a protected lane for bicycles and a "
-    "footpath on both sides.",
+    "The city council voted on Tuesday to rebuild the old stone bridge over the river, ending a debate "
+    "that had lasted for almost ten years.",
+    "Engineers had warned in 2019 that the bridge, which carries about twelve thousand cars a day, would "
+    "need major repairs within five years.",
+    "The new design keeps the original arches but widens the deck, adding a protected lane for bicycles "
+    "and a footpath on both sides.",
     "Construction is expected to start next spring and to take about two years, during which traffic will be "
     "diverted through the northern ring road.",
     "Local shop owners said they welcomed the decision, although several asked the council to keep the works "
@@ -73,8 +74,9 @@ def test_minimal_html_becomes_lines_with_their_block_element_list_depth_and_bull
         ("div text", "", 0, "", 2),
     ]
     assert lines[1].block == lines[2].block != lines[0].block  # a <br> splits lines, not blocks
-    assert render(lines) == ("T & x\n\na <b> 3 < 4 and link text\nsecond line\n\n  \u2022 one\n  \u2022 two bold\n"
-                             "    1. sub\ncode\n  indented\ncell1\t\tcell2\ndiv text")
+    assert render(lines) == ("T & x\n\na <b> 3 < 4 and link text\nsecond line\n\n"
+                             "  \u2022 one\n  \u2022 two bold\n    1. sub\n"
+                             "code\n  indented\ncell1\t\tcell2\ndiv text")
 
 
 def test_lines_carry_the_same_text_as_resiliparses_plain_output() -> None:
@@ -143,7 +145,7 @@ def _norm(s: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def evaldata_pages(shared_data: Path) -> tuple[dict[str, Document], list[tuple[str, dict]]]:  # type: ignore[type-arg]
+def evaldata_pages(shared_data: Path) -> tuple[dict[str, Document], list[tuple[str, dict[str, Any]]]]:
     pages: dict[str, Document] = {}
     for path in sorted((shared_data / "warc" / "pages").glob("*.warc.gz")):
         for doc in WarcReader().read(str(path)):
@@ -152,12 +154,15 @@ def evaldata_pages(shared_data: Path) -> tuple[dict[str, Document], list[tuple[s
     for key, entry in json.loads((shared_data / "extraction" / "evaldata.json").read_text()).items():
         key = key.strip()
         key = key[1:] if key.startswith("xhttp") else key
-        entries.append((next(u for u in ([key] if "://" in key else [key, "https://" + key]) if u in pages), entry))
+        candidates = [key] if "://" in key else [key, "https://" + key]
+        entries.append((next(u for u in candidates if u in pages), entry))
     return pages, entries
 
 
 @pytest.mark.integration
-def test_hybrid_avoids_far_more_boilerplate_than_resiliparse_and_keeps_most_of_the_text(evaldata_pages) -> None:  # type: ignore[no-untyped-def]
+def test_hybrid_avoids_far_more_boilerplate_than_resiliparse_and_keeps_most_of_the_text(
+    evaldata_pages: tuple[dict[str, Document], list[tuple[str, dict[str, Any]]]],
+) -> None:
     pages, entries = evaldata_pages
     urls = sorted({u for u, _ in entries})
     docs = [Document(id=pages[u].id, text="", source="t", metadata=dict(pages[u].metadata), raw=pages[u].raw,
@@ -172,15 +177,18 @@ def test_hybrid_avoids_far_more_boilerplate_than_resiliparse_and_keeps_most_of_t
     avoided = sum(_norm(s) not in texts.get(u, "") for u, e in entries for s in e["without"])
     found_share = found / sum(len(e["with"]) for _, e in entries)
     avoided_share = avoided / sum(len(e["without"]) for _, e in entries)
-    print(f"\nhybrid on {len(entries)} evaldata entries ({len(urls)} pages): must-have found {found_share:.1%}, "
-          f"must-not avoided {avoided_share:.1%}, {len(urls) / seconds:.0f} pages/s through the Extract step")
+    print(f"\nhybrid on {len(entries)} evaldata entries ({len(urls)} pages): must-have found "
+          f"{found_share:.1%}, must-not avoided {avoided_share:.1%}, {len(urls) / seconds:.0f} pages/s "
+          "through the Extract step")
     # Measured 93.6% / 85.5% (2026-11-29); resiliparse: 95.3% / 74.3%. Floors a little under.
     assert found_share >= 0.925
     assert avoided_share >= 0.84
 
 
 @pytest.mark.integration
-def test_hybrid_text_has_no_markup_left_on_real_pages(evaldata_pages) -> None:  # type: ignore[no-untyped-def]
+def test_hybrid_text_has_no_markup_left_on_real_pages(
+    evaldata_pages: tuple[dict[str, Document], list[tuple[str, dict[str, Any]]]],
+) -> None:
     pages, _ = evaldata_pages
     leftovers = re.compile(r"</?(p|h[1-6]|li|ul|ol|pre|br)>|&(amp|lt|gt|quot);")
     for url in sorted(pages)[::10]:
@@ -196,7 +204,7 @@ BENCH_DIR = Path(os.environ.get("REFINERY_EXTRACT_BENCH", "/tmp/extract_bench"))
 
 @pytest.mark.slow
 @pytest.mark.skipif(not (BENCH_DIR / "scrapinghub" / "ground-truth.json").is_file(),
-                    reason="ScrapingHub's article-extraction-benchmark not found (set REFINERY_EXTRACT_BENCH)")
+                    reason="ScrapingHub's benchmark not found (set REFINERY_EXTRACT_BENCH)")
 def test_scrapinghub_article_f1_reaches_the_target() -> None:
     import sys
 

@@ -109,12 +109,16 @@ def test_process_rewards_are_group_normalized_and_summed_over_later_steps() -> N
 
 @pytest.fixture(scope="module")
 def prm_run(arith_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.set_num_threads(1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # module fixtures run before the one_thread fixture
     out = tmp_path_factory.mktemp("prm") / "prm"
-    train_from_cli("prm", str(CONFIGS / "prm_tiny.yaml"), [
-        f"data.mix={arith_models['tasks']}", f"data.eval={arith_models['test']}",
-        f"train.init_from={arith_models['sft']}", f"train.out_dir={out}", "train.steps=40", "train.progress=false",
-        "prm.solutions=4", "prm.rollouts=4"])
+    try:
+        train_from_cli("prm", str(CONFIGS / "prm_tiny.yaml"), [
+            f"data.mix={arith_models['tasks']}", f"data.eval={arith_models['test']}",
+            f"train.init_from={arith_models['sft']}", f"train.out_dir={out}", "train.steps=40",
+            "train.progress=false", "prm.solutions=4", "prm.rollouts=4"])
+    finally:
+        torch.set_num_threads(before)
     return out
 
 

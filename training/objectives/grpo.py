@@ -160,7 +160,9 @@ class GRPOObjective(RolloutObjective):
                        torch.stack([rnd.rewards[i] for rnd, i in rows]),
                        {n: torch.stack([rnd.parts[n][i] for rnd, i in rows]) for n in first.parts}, reasons)
         flat_first = sum(1 for k in range(p) if not bool(first.rewards[k * g:(k + 1) * g].std() > 0))
-        stats = {"reward": float(first.rewards.mean()),  # the policy's own reward, before filtering
+        # The policy's own reward is the first round's, before filtering; `reward_trained` is the batch's.
+        stats = {"reward": float(first.rewards.mean()), "reward_std": float(first.rewards.std(unbiased=False)),
+                 **({f"reward_{n}": float(v.mean()) for n, v in first.parts.items()} if len(first.parts) > 1 else {}),
                  "reward_trained": float(merged.rewards.mean()),
                  "zero_variance_groups": flat_first / p, "sampling_rounds": float(rounds),
                  "filled_flat_groups": float(max(0, p - len(informative)))}
