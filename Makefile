@@ -36,6 +36,8 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/curation.py --shards 4
 	$(BIN)/python benchmarks/filters.py
+	# ScrapingHub / WCXB rows need their data in /tmp/extract_bench (see the script); evaldata rows always run.
+	$(BIN)/python benchmarks/extraction.py run --dev
 	$(BIN)/python benchmarks/dedup_scale.py --sizes 100000,300000 --datatrove 26x11 --signatures
 	$(BIN)/python benchmarks/trainer.py --compile both
 

@@ -411,7 +411,12 @@ def reward_section(out: Path, summaries: dict[str, dict[str, Any]]) -> Section:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 3.2))
     if train:
-        ax.plot(*zip(*train, strict=True), label="rollout reward (train prompts)", color="#4C72B0")
+        steps, values = zip(*train, strict=True)
+        ax.plot(steps, values, label="rollout reward (train prompts)", color="#4C72B0", alpha=0.35)
+        window = max(1, len(values) // 10)
+        smooth = [sum(values[max(0, i - window + 1):i + 1]) / len(values[max(0, i - window + 1):i + 1])
+                  for i in range(len(values))]
+        ax.plot(steps, smooth, label=f"rollout reward, mean of the last {window} steps", color="#4C72B0")
     if held:
         ax.plot(*zip(*held, strict=True), "o-", label="held-out reward", color="#DD8452")
     ax.set_ylim(-0.02, 1.02)
@@ -421,9 +426,26 @@ def reward_section(out: Path, summaries: dict[str, dict[str, Any]]) -> Section:
     ax.set_title("GRPO on the verifiable task")
     sec.figures.append(("reward", _png(fig)))
     s = summaries.get("grpo") or {}
-    sec.text.append(f"Held-out reward before RL {_f(s.get('initial_eval_reward'))}, after {_f(s.get('eval_reward'))}; "
-                    f"rollout reward first {_f(s.get('first_reward'))}, last {_f(s.get('last_reward'))}.")
+    line = (f"Held-out reward before RL {_f(s.get('initial_eval_reward'))}, after {_f(s.get('eval_reward'))}; "
+            f"rollout reward first {_f(s.get('first_reward'))}, last {_f(s.get('last_reward'))}.")
+    n = _eval_completions(out / "grpo" / "config.yaml")
+    p = s.get("initial_eval_reward")
+    if n and isinstance(p, float):
+        line += (f" Each held-out reading averages {n} completions: a binomial standard error of about "
+                 f"±{(max(p, 1 / n) * (1 - p) / n) ** 0.5:.3f}, so smaller changes are noise.")
+    sec.text.append(line)
     return sec
+
+
+def _eval_completions(config: Path) -> int | None:
+    """Completions behind one held-out reward reading: eval prompts x eval_samples (the GRPO config)."""
+    cfg = _read_json_yaml(config) or {}
+    t, g = cfg.get("train") or {}, cfg.get("grpo") or {}
+    try:
+        return int(t.get("eval_batches", 20)) * int(t.get("eval_batch_size") or t.get("batch_size", 32)) * int(
+            g.get("eval_samples", 1))
+    except (TypeError, ValueError):
+        return None
 
 
 def samples_section(out: Path) -> Section:

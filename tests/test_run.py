@@ -5,6 +5,7 @@ each other."""
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -265,6 +266,10 @@ def test_the_quickstart_runs_end_to_end_and_its_outputs_agree(shared_data: Path,
     for line in md.splitlines():
         if line.startswith("!["):
             assert (out / line[line.index("(") + 1:-1]).is_file()
+    if shutil.which("chromium"):  # tests/test_report_html.py checks the page itself, and fails in CI without it
+        from test_report_html import browser_check
+
+        assert browser_check(out / "report.html", tmp_path)["broken"] == 0
 
     # A second run finds every stage done and trains nothing.
     before = (out / "grpo/metrics.jsonl").stat().st_mtime_ns
