@@ -19,7 +19,8 @@ from pipelines.synth.prompts import DOC_TYPES, check_doc_types, plan_jobs
 from pipelines.synth.quality import drop_reason, is_refusal, near_duplicates
 from pipelines.synth.run import SynthError, SynthSettings, synthesize_spec
 from pipelines.synth.spec import SpecError, load_spec, parse_spec
-from training.llm_client import GenerationParams, LLMClientError, OpenAIChatClient
+from training.llm_client import LLMClientError, OpenAIChatClient
+from training.sampling import SamplingParams
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_SPEC = REPO_ROOT / "pipelines" / "specs" / "assistant_spec.md"
@@ -120,6 +121,7 @@ class StubLLM:
         self.served = 0
         self.kinds: Counter[str] = Counter()
         self.fail_after: int | None = None
+        self.bodies: list[dict[str, Any]] = []
         rng = random.Random(1)
         self.vocab = [f"word{i}" for i in range(400)]
         self.base = [rng.choice(self.vocab) for _ in range(200)]
@@ -130,6 +132,7 @@ class StubLLM:
                 return 503, {"error": "overloaded"}
             n = self.served
             self.served += 1
+            self.bodies.append(body)
             kind = {0: "empty", 1: "refusal", 2: "dup"}.get(n % 10, "unique")
             self.kinds[kind] += 1
         assert body["messages"][0]["role"] == "system" and body["model"] == "stub-model"
@@ -265,6 +268,21 @@ def test_a_run_stopped_by_a_failing_generator_resumes_without_generating_twice(
     assert stub.served == 48 and stats["documents_requested"] == 24
 
 
+def test_http_client_sends_the_rollout_sampling_parameters(stub_server: tuple[str, StubLLM]) -> None:
+    url, stub = stub_server
+    client = OpenAIChatClient(url, model="stub-model", retries=0)
+    params = SamplingParams(max_new_tokens=8, temperature=0.5, top_p=0.9, top_k=20, stop=("###",), seed=7)
+    client.complete([[{"role": "system", "content": "x"}]] * 2, params)
+    sent = sorted(stub.bodies, key=lambda b: b["seed"])
+    assert [b["seed"] for b in sent] == [7, 8]  # item i gets seed + i
+    assert all(b["max_tokens"] == 8 and b["temperature"] == 0.5 and b["top_p"] == 0.9 and b["top_k"] == 20
+               and b["stop"] == ["###"] for b in sent)
+    client.complete([[{"role": "system", "content": "x"}]], SamplingParams(max_new_tokens=8))
+    assert "top_k" not in stub.bodies[-1] and "stop" not in stub.bodies[-1]  # OpenAI itself refuses top_k
+    with pytest.raises(ValueError, match="one reply per conversation"):
+        client.complete([[{"role": "system", "content": "x"}]], SamplingParams(n=2))
+
+
 def test_generator_and_spec_errors_are_one_clear_line(stub_server: tuple[str, StubLLM], tmp_path: Path,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
     from pipelines.cli import main
@@ -273,7 +291,7 @@ def test_generator_and_spec_errors_are_one_clear_line(stub_server: tuple[str, St
         OpenAIChatClient("http://127.0.0.1:9/v1", retries=0, timeout_s=2)
     url, stub = stub_server
     client = OpenAIChatClient(url + "/nope", model="stub-model", retries=0)
-    [reply] = client.complete([[{"role": "system", "content": "x"}]], GenerationParams(8))
+    [reply] = client.complete([[{"role": "system", "content": "x"}]], SamplingParams(max_new_tokens=8))
     assert reply.text is None and reply.error == "HTTP 404"
     bad = tmp_path / "bad.md"
     bad.write_text("just one line of text, no headings\n")
@@ -385,7 +403,7 @@ def test_local_model_without_our_role_tokens_uses_its_chat_template(tmp_path: Pa
     client = LocalChatModel(out, device="cpu")
     ids = client.render([{"role": "user", "content": "honesty"}])
     assert ids[0] == tok.token_to_id("<s>") and ids[-1] == tok.token_to_id("[/INST]")
-    replies = client.complete([[{"role": "user", "content": "honesty"}]] * 2, GenerationParams(8, seed=1))
+    replies = client.complete([[{"role": "user", "content": "honesty"}]] * 2, SamplingParams(max_new_tokens=8, seed=1))
     assert len(replies) == 2 and all(r.text is not None for r in replies)
-    too_long = client.complete([[{"role": "user", "content": "honesty " * 400}]], GenerationParams(8))
+    too_long = client.complete([[{"role": "user", "content": "honesty " * 400}]], SamplingParams(max_new_tokens=8))
     assert too_long[0].text is None and "exceeds the model's max_seq_len" in too_long[0].error

@@ -29,9 +29,11 @@ import urllib.request
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+
+from training.sampling import SamplingParams
 
 Message = dict[str, str]
 FINISH_STOP, FINISH_LENGTH, FINISH_ERROR = "stop", "length", "error"
@@ -41,22 +43,11 @@ class LLMClientError(ValueError):
     """A generator that cannot be used as given (bad URL, not an instruct model, no model served)."""
 
 
-@dataclass(frozen=True)
-class GenerationParams:
-    """How to sample. `temperature == 0` is greedy."""
-
-    max_new_tokens: int = 512
-    temperature: float = 0.8
-    top_p: float = 0.95
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+def _one_reply(params: SamplingParams) -> None:
+    """A chat client returns one completion per conversation: more samples are more conversations."""
+    if params.n != 1:
+        raise ValueError(f"chat clients sample one reply per conversation (n=1), got n={params.n}; "
+                         "repeat the conversation instead")
 
 
 @dataclass(frozen=True)
@@ -72,7 +63,7 @@ class ChatClient(ABC):
     """Chat messages in, one completion per conversation out (same order)."""
 
     @abstractmethod
-    def complete(self, conversations: Sequence[list[Message]], params: GenerationParams) -> list[Completion]:
+    def complete(self, conversations: Sequence[list[Message]], params: SamplingParams) -> list[Completion]:
         """Sample one reply to each conversation."""
 
     @abstractmethod
@@ -125,11 +116,16 @@ class OpenAIChatClient(ChatClient):
             raise LLMClientError(f"cannot list the models served at {self.base_url}/models ({type(e).__name__}: "
                                  f"{e}); check the URL (it ends in /v1) or name the model with --model") from e
 
-    def _one(self, item: tuple[list[Message], GenerationParams]) -> Completion:
+    def _one(self, item: tuple[list[Message], SamplingParams]) -> Completion:
         messages, params = item
-        body = json.dumps({"model": self.model, "messages": messages, "max_tokens": params.max_new_tokens,
-                           "temperature": params.temperature, "top_p": params.top_p,
-                           "seed": params.seed}).encode()
+        request_body: dict[str, Any] = {"model": self.model, "messages": messages,
+                                        "max_tokens": params.max_new_tokens, "temperature": params.temperature,
+                                        "top_p": params.top_p, "seed": params.seed}
+        if params.stop:
+            request_body["stop"] = list(params.stop)
+        if params.top_k:  # not in OpenAI's API; vLLM, SGLang and llama.cpp's server accept it
+            request_body["top_k"] = params.top_k
+        body = json.dumps(request_body).encode()
         error = ""
         for attempt in range(self.retries + 1):
             if attempt:
@@ -156,11 +152,11 @@ class OpenAIChatClient(ChatClient):
                 break
         return Completion(None, FINISH_ERROR, error)
 
-    def complete(self, conversations: Sequence[list[Message]], params: GenerationParams) -> list[Completion]:
+    def complete(self, conversations: Sequence[list[Message]], params: SamplingParams) -> list[Completion]:
         if not conversations:
             return []
-        items = [(list(m), GenerationParams(params.max_new_tokens, params.temperature, params.top_p,
-                                            params.seed + i)) for i, m in enumerate(conversations)]
+        _one_reply(params)
+        items = [(list(m), replace(params, seed=params.seed + i)) for i, m in enumerate(conversations)]
         with ThreadPoolExecutor(min(self.concurrency, len(items))) as pool:
             return list(pool.map(self._one, items))
 
@@ -218,9 +214,8 @@ class LocalChatModel(ChatClient):
         # The rendered text spells the special tokens (BOS, role headers): encode them as such.
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
-    def complete(self, conversations: Sequence[list[Message]], params: GenerationParams) -> list[Completion]:
+    def complete(self, conversations: Sequence[list[Message]], params: SamplingParams) -> list[Completion]:
         from training.rollout import FINISH_LENGTH as ROLLOUT_LENGTH
-        from training.rollout import SamplingParams
 
         limit = self.model.cfg.max_seq_len
         out: list[Completion | None] = [None] * len(conversations)
@@ -234,8 +229,8 @@ class LocalChatModel(ChatClient):
             prompts.append(ids)
             where.append(i)
         if prompts:
-            sampling = SamplingParams(max_new_tokens=params.max_new_tokens, temperature=params.temperature,
-                                      top_p=params.top_p, stop_token_ids=self.stop_ids, seed=params.seed)
+            _one_reply(params)
+            sampling = replace(params, stop_token_ids=tuple(sorted({*params.stop_token_ids, *self.stop_ids})))
             for i, rollout in zip(where, self.engine.generate(prompts, sampling), strict=True):
                 body = rollout.token_ids
                 if body and body[-1] in self.stop_ids:

@@ -48,7 +48,8 @@ from curation.writer import atomic_write_text, clean_tmp, tmp_path
 from pipelines.synth.prompts import Job, check_doc_types, plan_job, plan_jobs, templates_record
 from pipelines.synth.quality import DROP_DUPLICATE, clean, drop_reason, near_duplicates
 from pipelines.synth.spec import Spec, load_spec
-from training.llm_client import FINISH_LENGTH, ChatClient, GenerationParams
+from training.llm_client import FINISH_LENGTH, ChatClient
+from training.sampling import SamplingParams
 
 SOURCE = "spec-synthetic"
 HELDOUT_DIR = "heldout"
@@ -84,12 +85,12 @@ class SynthSettings:
             raise ValueError(f"--holdout must be in [0, 1), got {self.holdout}")
         if not 0.0 < self.dedup_threshold <= 1.0:
             raise ValueError(f"--dedup-threshold must be in (0, 1], got {self.dedup_threshold}")
-        GenerationParams(self.max_new_tokens, self.temperature, self.top_p, self.seed)  # checks them
+        self.generation(0)  # checks them
 
-    def generation(self, first_job: int) -> GenerationParams:
+    def generation(self, first_job: int) -> SamplingParams:
         # Seeds differ per batch (and per item inside a batch, by the client), and repeat on a rerun.
-        return GenerationParams(self.max_new_tokens, self.temperature, self.top_p,
-                                self.seed * 1_000_003 + first_job)
+        return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
+                              seed=self.seed * 1_000_003 + first_job)
 
 
 def _now() -> str:
