@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -64,6 +66,45 @@ def config(work: Path, data: Path, proxies: int, tokens: int, quick: bool, **swe
     return cfg
 
 
+def seed_noise(cfg_path: Path, seeds: int, workers: int) -> dict[str, Any]:
+    """Train proxy 0's mixture again with `seeds` other seeds: the spread of one mixture's objective
+    across seeds against the spread across the sweep's mixtures bounds the Spearman any fit can reach."""
+    from proxy_mix.config import load_config
+    from proxy_mix.proxy import train_proxy
+    from proxy_mix.runner import run_tasks
+    from proxy_mix.sweep import proxy_task
+
+    cfg = load_config(cfg_path)
+    s = cfg.sweep
+    pools = json.loads((cfg.out / "pools/pools.json").read_text())
+    swept = json.loads((cfg.out / "sweep/results.json").read_text())
+    ok = [r for r in swept["proxies"] if r.get("status") == "ok"]
+    base = ok[0]
+    tasks = [proxy_task(cfg, pools, 0, base["weights"], cfg.out / "noise" / f"seed{s.seed + i}", model=s.model,
+                        tokens=s.tokens, seq_len=s.seq_len, batch_size=s.batch_size, lr=s.lr, seed=s.seed + i,
+                        eval_batches=s.eval_batches, max_repetition=s.max_repetition, cpus=s.cpus_per_proxy,
+                        gpus=s.gpus_per_proxy, keep_checkpoints=False) for i in range(1, seeds + 1)]
+    results: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    run_tasks(tasks, train_proxy, lambda _t, r: results.append(r), executor="ray", workers=workers,
+              cpus=s.cpus_per_proxy, progress=False)
+    print(f"  {seeds} seeds of proxy 0: {time.perf_counter() - t0:.1f} s", flush=True)
+
+    def objective(r: dict[str, Any]) -> float:
+        return sum(r["bpb"].values()) / len(r["bpb"])
+
+    same = [objective(base)] + [objective(r) for r in results if r.get("status") == "ok"]
+    across = [objective(r) for r in ok]
+    sd_seed, sd_mix = statistics.stdev(same), statistics.pstdev(across)
+    # y = f(w) + noise: even a perfect fit of f correlates with y at most sd(f)/sd(y) (Pearson).
+    ceiling = math.sqrt(max(sd_mix ** 2 - sd_seed ** 2, 0.0)) / sd_mix if sd_mix else 0.0
+    per_target = {t: statistics.stdev([base["bpb"][t]] + [r["bpb"][t] for r in results if r.get("status") == "ok"])
+                  for t in base["bpb"]}
+    return {"seeds": len(same), "objective_sd_across_seeds": round(sd_seed, 4),
+            "objective_sd_across_mixtures": round(sd_mix, 4), "correlation_ceiling": round(ceiling, 3),
+            "target_sd_across_seeds": {t: round(v, 4) for t, v in per_target.items()}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", default="runs/bench_mix", help="working directory (pools, sweeps, models)")
@@ -72,15 +113,21 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=250_000, help="training tokens per proxy")
     ap.add_argument("--workers", type=int, default=2, help="Ray workers of the main sweep and the validation")
     ap.add_argument("--scaling-proxies", type=int, default=4, help="proxies of the 1-vs-2-worker runs (0: skip)")
+    ap.add_argument("--noise-seeds", type=int, default=3, help="reruns of proxy 0 with other seeds (0: skip)")
+    ap.add_argument("--only-noise", action="store_true", help="only the seed-noise runs, on an existing --work")
     ap.add_argument("--quick", action="store_true", help="6 proxies of 8k tokens: checks the benchmark runs")
     ap.add_argument("--out", default=None, help="JSON results file")
     args = ap.parse_args()
     if args.quick:
-        args.proxies, args.tokens, args.scaling_proxies = 6, 8192, 2
+        args.proxies, args.tokens, args.scaling_proxies, args.noise_seeds = 6, 8192, 2, 2
     work, data = Path(args.work).resolve(), Path(args.data).resolve()
     work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
+    os.environ.update({"RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"})
     times: dict[str, float] = {}
+    if args.only_noise:
+        print(json.dumps(seed_noise(work / "mix.yaml", args.noise_seeds, args.workers), indent=1))
+        return
 
     print("classifiers and tokenizer", flush=True)
     per_source = ["--max-per-source", "500"] if args.quick else []
@@ -118,6 +165,7 @@ def main() -> None:
     times["sweep"], out = run(["mix", "sweep", str(main_cfg), "--workers", str(args.workers)], env)
     sweep = json.loads((work / "mix/sweep/summary.json").read_text())
     print("fit", flush=True)
+    noise = seed_noise(main_cfg, args.noise_seeds, args.workers) if args.noise_seeds else {}
     times["fit"], out = run(["mix", "fit", str(main_cfg)], env)
     fit = json.loads((work / "mix/fit/report.json").read_text())
     times["upsample"], _ = run(["mix", "upsample", str(main_cfg)], env)
@@ -133,6 +181,7 @@ def main() -> None:
         "seconds": {k: round(v, 1) for k, v in times.items()},
         "sweep": {k: sweep.get(k) for k in ("ok", "failed", "wall_seconds", "proxies_per_core_hour", "cores")},
         "scaling": scaling,
+        "seed_noise": noise,
         "fit": {"kfold_spearman": s["kfold_spearman"], "kfold_mae": s["kfold_mae"], "chosen": s["chosen_model"],
                 "predicted_bpb": s["predicted_bpb"], "weights": fit["weights"]},
         "validate": {"model": validate["model"], "tokens": validate["tokens"], "verdict": validate["verdict"],

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -32,6 +32,8 @@ LABEL_PREFIX = "__label__"
 QUALITY_POSITIVE = "hq"
 QUALITY_NEGATIVE = "lq"
 KINDS = ("quality", "topic")
+# The attributes the `classify` step writes.
+SCORE_KEYS = ("quality.score", "topic.label", "topic.score", "topic.probs")
 # Characters of a document the classifier reads: enough for a page's main content, and fastText
 # cost stays bounded on a 1 MB outlier. DCLM also scores a prefix of long documents.
 DEFAULT_MAX_CHARS = 20_000
@@ -149,6 +151,8 @@ class ClassifyTagger(Filter):
     """
 
     name: ClassVar[str] = "classify"
+    decision_params: ClassVar[frozenset[str]] = frozenset({"min_quality", "topics", "batch_size"})
+    rescoring_cost: ClassVar[str] = "model"
 
     def __init__(
         self,
@@ -191,31 +195,16 @@ class ClassifyTagger(Filter):
                 if meta["kind"] != kind:
                     raise ValueError(f"parameter `{key}`: {params[key]} is a {meta['kind']} classifier")
 
-    def run(self, docs: Iterable[Document]) -> Iterator[Document]:
-        # Batched: fastText predicts a list of lines at once, far faster than one call per document.
-        batch: list[Document] = []
-        for doc in docs:
-            batch.append(doc)
-            if len(batch) >= self.batch_size:
-                yield from super().run(self._scored(batch))
-                batch = []
-        if batch:
-            yield from super().run(self._scored(batch))
-
-    def _scored(self, batch: list[Document]) -> list[Document]:
-        ok = [d for d in batch if isinstance(d.text, str)]
-        for d in batch:
+    def annotate_batch(self, docs: list[Document]) -> None:
+        """One fastText call per model for the batch (Filter.run feeds batches of `batch_size`);
+        a document without string text gets no scores and is dropped as `classify.error`."""
+        ok = [d for d in docs if isinstance(d.text, str)]
+        self._tag(ok, [d.text for d in ok])
+        for d in docs:
             if not isinstance(d.text, str):
                 self.stats.error("classify.bad_text", id=d.id, type=type(d.text).__name__)
-        texts = [d.text for d in ok]
-        try:
-            self._tag(ok, texts)
-        except Exception as e:  # a model failure costs this batch (counted drops), not the job
-            self.stats.error("classify.exception", id=batch[0].id, message=repr(e)[:300])
-            for d in ok:
-                for key in ("quality.score", "topic.label", "topic.score", "topic.probs"):
+                for key in SCORE_KEYS:  # scores stored by an earlier run must not decide for it
                     d.attributes.pop(key, None)
-        return batch
 
     def _tag(self, ok: list[Document], texts: list[str]) -> None:
         if self.quality is not None:
@@ -231,7 +220,12 @@ class ClassifyTagger(Filter):
                 d.attributes["topic.probs"] = {lab: round(float(p), 6) for lab, p in zip(labels, row, strict=True)}
 
     def annotate(self, doc: Document) -> None:
-        """Scores were computed for the whole batch in `_scored`; a bad text has none."""
+        """One document alone: what runs when a batch failed, to find the document at fault."""
+        self.annotate_batch([doc])
+
+    def has_scores(self, doc: Document) -> bool:
+        a = doc.attributes
+        return (self.quality is None or "quality.score" in a) and (self.topic is None or "topic.label" in a)
 
     def reject(self, doc: Document) -> str | None:
         if (self.quality is not None and "quality.score" not in doc.attributes) or (

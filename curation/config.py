@@ -13,11 +13,23 @@ from typing import Any
 import yaml
 
 from curation.param_types import param_error, param_hints
-from curation.registry import DEDUP_STEPS, DOC_STEPS, ConfigError, _suggest, build, check_params
+from curation.partition import check_partitioning
+from curation.registry import (
+    DEDUP_STEPS,
+    DOC_STEPS,
+    READERS,
+    ConfigError,
+    _suggest,
+    build,
+    check_params,
+    check_resources,
+    is_known,
+    resolve,
+)
 
-TOP_KEYS = ("name", "source", "read", "steps", "dedup", "output")
+TOP_KEYS = ("name", "source", "read", "reader", "steps", "dedup", "after_dedup", "output")
 READ_KEYS = ("statuses", "content_types", "max_payload_bytes", "cache_dir", "allow_local_in_listings")
-OUTPUT_KEYS = ("format",)
+OUTPUT_KEYS = ("format", "partition_by", "buckets")
 FORMATS = ("parquet", "dolma")
 
 
@@ -25,52 +37,77 @@ FORMATS = ("parquet", "dolma")
 class StepSpec:
     name: str
     params: dict[str, Any] = field(default_factory=dict)
+    # What one task running this step needs (`cpus`, `gpus`, `memory_gb`); never a parameter.
+    resources: dict[str, float] = field(default_factory=dict)
+
+    def to_item(self, resources: bool = True) -> dict[str, Any]:
+        """The YAML form `{name: params}`, with `resources` among the params when asked for."""
+        if resources and self.resources:
+            return {self.name: {**self.params, "resources": dict(self.resources)}}
+        return {self.name: self.params}
 
 
 @dataclass
 class CurationConfig:
     name: str = "corpus"
     source: str = "common-crawl"
-    read: dict[str, Any] = field(default_factory=dict)
+    # The first step: one input file → Documents (`warc` unless the config names another).
+    reader: StepSpec = field(default_factory=lambda: StepSpec("warc"))
     steps: list[StepSpec] = field(default_factory=list)
     dedup: list[StepSpec] = field(default_factory=list)
+    # Per-document steps that see only dedup's survivors (an expensive tagger), in the write phase.
+    after_dedup: list[StepSpec] = field(default_factory=list)
     output: dict[str, Any] = field(default_factory=lambda: {"format": "parquet"})
+
+    @property
+    def read(self) -> dict[str, Any]:
+        """The reader's parameters (the `read:` section for the default WARC reader)."""
+        return self.reader.params
 
     @property
     def format(self) -> str:
         return self.output.get("format", "parquet")
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, resources: bool = True) -> dict[str, Any]:
+        # The WARC reader without resources keeps the `read:` form, so older runs' fingerprints hold.
+        if self.reader.name == "warc" and not (resources and self.reader.resources):
+            reading: dict[str, Any] = {"read": self.read}
+        else:
+            reading = {"reader": self.reader.to_item(resources)}
         return {
             "name": self.name,
             "source": self.source,
-            "read": self.read,
-            "steps": [{s.name: s.params} for s in self.steps],
-            "dedup": [{s.name: s.params} for s in self.dedup],
+            **reading,
+            "steps": [s.to_item(resources) for s in self.steps],
+            "dedup": [s.to_item(resources) for s in self.dedup],
+            # Only when given, so the fingerprints of configs without it stay what they were.
+            **({"after_dedup": [s.to_item(resources) for s in self.after_dedup]} if self.after_dedup else {}),
             "output": self.output,
         }
 
     def fingerprint(self) -> str:
-        """Hash of everything that changes the output, to refuse resuming with another config."""
-        return hashlib.sha1(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+        """Hash of everything that changes the output, to refuse resuming with another config.
+        Resources only place tasks: a run resumed with more memory is the same run."""
+        return hashlib.sha1(json.dumps(self.to_dict(resources=False), sort_keys=True).encode()).hexdigest()[:16]
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], where: str = "config") -> CurationConfig:
         if not isinstance(raw, dict):
             raise ConfigError(f"{where}: expected a mapping at the top level")
         _check_keys(raw, TOP_KEYS, where)
-        read = dict(raw.get("read") or {})
-        _check_keys(read, READ_KEYS, f"{where}: read")
         output = {"format": "parquet", **(raw.get("output") or {})}
         _check_keys(output, OUTPUT_KEYS, f"{where}: output")
         if output["format"] not in FORMATS:
             raise ConfigError(f"{where}: output.format must be one of {FORMATS}, got {output['format']!r}")
+        if problem := check_partitioning(output.get("partition_by"), output.get("buckets")):
+            raise ConfigError(f"{where}: output.{problem}")
         cfg = cls(
             name=str(raw.get("name", "corpus")),
             source=str(raw.get("source", "common-crawl")),
-            read=read,
+            reader=_reader_spec(raw, where),
             steps=_specs(raw.get("steps") or [], DOC_STEPS, f"{where}: steps"),
             dedup=_specs(raw.get("dedup") or [], DEDUP_STEPS, f"{where}: dedup"),
+            after_dedup=_specs(raw.get("after_dedup") or [], DOC_STEPS, f"{where}: after_dedup"),
             output=output,
         )
         # Exact dedup's survivor must also be MinHash's, or a cluster could lose every member.
@@ -142,36 +179,71 @@ def _check_keys(d: dict[str, Any], allowed: tuple[str, ...], where: str) -> None
 
 
 def _specs(items: list[Any], table: dict[str, str], where: str) -> list[StepSpec]:
-    specs = []
-    for i, item in enumerate(items):
-        if isinstance(item, str):
-            name, params = item, {}
-        elif isinstance(item, dict) and len(item) == 1:
-            name, params = next(iter(item.items()))
-            params = params or {}
-        else:
-            raise ConfigError(f"{where}[{i}]: write each step as `- name: {{param: value}}`")
-        if not isinstance(params, dict):
-            raise ConfigError(f"{where}[{i}] {name}: parameters must be a mapping")
-        if name not in table:
-            raise ConfigError(f"{where}[{i}]: unknown step {name!r}{_suggest(name, list(table))}")
-        specs.append(StepSpec(name, dict(params)))
-    return specs
+    if not isinstance(items, list):
+        raise ConfigError(f"{where}: expected a list of steps, each `- name: {{param: value}}`")
+    return [_spec(item, table, f"{where}[{i}]") for i, item in enumerate(items)]
+
+
+def _spec(item: Any, table: dict[str, str], where: str) -> StepSpec:
+    """One step written `name`, or `name: {param: value, ..., resources: {...}}`."""
+    if isinstance(item, str):
+        name, params = item, {}
+    elif isinstance(item, dict) and len(item) == 1:
+        name, params = next(iter(item.items()))
+        params = params or {}
+    else:
+        raise ConfigError(f"{where}: write each step as `- name: {{param: value}}`")
+    if not isinstance(params, dict):
+        raise ConfigError(f"{where} {name}: parameters must be a mapping")
+    if not isinstance(name, str) or not is_known(name, table):
+        what = "reader" if table is READERS else "step"
+        raise ConfigError(f"{where}: unknown {what} {name!r}{_suggest(str(name), list(table))} (one of "
+                          "your own is named package.module:ClassName)")
+    params = dict(params)
+    resources = check_resources(params.pop("resources"), f"{where} {name}") if "resources" in params else {}
+    return StepSpec(name, params, resources)
+
+
+def _reader_spec(raw: dict[str, Any], where: str) -> StepSpec:
+    """`reader: name` or `reader: {name: {params}}`; else the WARC reader with `read:`'s parameters."""
+    if raw.get("reader") is None:
+        read = raw.get("read") or {}
+        if not isinstance(read, dict):
+            raise ConfigError(f"{where}: read: expected a mapping of the WARC reader's parameters")
+        _check_keys(read, READ_KEYS, f"{where}: read")
+        return StepSpec("warc", dict(read))
+    if raw.get("read"):
+        raise ConfigError(f"{where}: give the reader's parameters under `reader:` only; `read:` is the "
+                          "older spelling of `reader: {warc: {...}}`, so drop one of the two")
+    spec = _spec(raw["reader"], READERS, f"{where}: reader")
+    for key in ("source", "added"):
+        if key in spec.params:
+            raise ConfigError(f"{where}: reader {spec.name}: `{key}` is not a reader parameter; set `source` at "
+                              "the top level (documents that carry their own keep it)")
+    return spec
 
 
 def validate_buildable(cfg: CurationConfig) -> None:
     """Import every step class and check its parameters' names and types now, before any work
     starts: a mistyped value must not surface as a TypeError mid-run or as every document
     dropped with an error."""
-    from curation.read.warc import WarcReader
-
-    hints = param_hints(WarcReader)
+    hints = param_hints(resolve(cfg.reader.name, READERS))
+    label = "read" if cfg.reader.name == "warc" else f"reader `{cfg.reader.name}`"
     for key, value in cfg.read.items():
         problem = param_error(value, hints[key]) if key in hints else None
         if problem:
-            raise ConfigError(f"read: parameter `{key}` {problem}")
-    for spec in cfg.steps:
+            raise ConfigError(f"{label}: parameter `{key}` {problem}")
+    check_params(cfg.reader.name, cfg.reader.params, READERS)
+    seen_language = False
+    for spec in (*cfg.steps, *cfg.after_dedup):
         check_params(spec.name, spec.params, DOC_STEPS)
+        per_language = [k for k in ("per_language", "languages") if k in spec.params]
+        if spec.name != "language" and per_language and not seen_language and cfg.reader.name == "warc":
+            # Raw web records carry no `lid.lang` until the language step sets it: every document would
+            # silently get the default settings (counted `<step>.no_language`).
+            raise ConfigError(f"step `{spec.name}`: `{per_language[0]}` needs a `language` step before it "
+                              "(it reads the language that step detects)")
+        seen_language = seen_language or spec.name == "language"
     for spec in cfg.dedup:
         # Built now, not only checked: dedup steps are cheap to build and would otherwise first
         # run their own checks (survivor rule, bands x rows) after every shard had been processed.
@@ -201,8 +273,8 @@ def _local_names(inputs: list[str]) -> list[str]:
 
 def check_extract_for_inputs(cfg: CurationConfig, inputs: list[str]) -> None:
     """Refuse HTML inputs without an `extract` step: every record would reach the filters with
-    empty text and be dropped, and the run would look like it worked."""
-    if any(s.name == "extract" for s in cfg.steps):
+    empty text and be dropped, and the run would look like it worked. Readers of corpora yield text."""
+    if cfg.reader.name != "warc" or any(s.name == "extract" for s in cfg.steps):
         return
     html = [p for p in _local_names(inputs) if not is_text_input(p)]
     if html:

@@ -1,10 +1,12 @@
 """What a curated corpus is to the stages that read one (tokenizer training, tokenize).
 
-`refinery curate --output OUT` writes its documents to `OUT/documents/<source>/<shard>.<ext>` and,
+`refinery curate --output OUT` writes its documents to `OUT/documents/<source>/<shard>.<ext>` (or,
+with `output.partition_by`, to nested `OUT/documents/<key>=<value>/.../<shard>.<ext>` folders) and,
 last, `OUT/stats.json`, whose `files` lists every document file the run wrote. Everything under
 `OUT/_work/` (phase-1 shards holding documents before dedup, dedup tables, markers) is the run's
-scratch, not the corpus. So a reader given OUT, OUT/documents or OUT/documents/<source> reads
-exactly the listed files under that folder; a run that has not finished (no `stats.json`) is
+scratch, not the corpus, and `OUT/rejected/` holds dropped documents, not the corpus. So a reader
+given OUT, OUT/documents or any folder inside OUT/documents reads exactly the listed files under
+that folder; a run that has not finished (no `stats.json`) is
 refused rather than read half-written. A folder that is not part of a curation output is read as
 plain files by the caller.
 """
@@ -45,12 +47,11 @@ def curation_root(path: str | Path) -> Path | None:
         if anc.name == WORK_DIR and is_curation_output(anc.parent):
             raise CorpusError(f"{path} is inside the work folder of the curation output {anc.parent}, "
                               f"not its corpus; point at {anc.parent} instead")
-    # OUT, OUT/documents, OUT/documents/<source>: the only levels a corpus is addressed at.
+    # OUT, OUT/documents, or a folder at any depth inside OUT/documents (a source, a partition).
     candidates = [path]
-    if path.name == DOCUMENTS_DIR:
-        candidates.append(path.parent)
-    elif path.parent.name == DOCUMENTS_DIR:
-        candidates.append(path.parent.parent)
+    documents = next((anc for anc in (path, *path.parents) if anc.name == DOCUMENTS_DIR), None)
+    if documents is not None:
+        candidates.append(documents.parent)
     for root in candidates:
         if is_curation_output(root):
             return root

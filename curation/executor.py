@@ -4,6 +4,11 @@ Steps never talk to Ray directly: anything parallel is `executor.map(fn, items)`
 top-level functions and small items (shard paths, partition numbers). Large data moves through
 files, so the same code runs in one process, on a local Ray, or on a cluster with a shared disk,
 and gives the same output on each.
+
+`map(..., resources={"cpus": 2, "gpus": 1, "memory_gb": 8})` says what each task needs (a phase
+asks for the max over its steps, `curation.registry.phase_resources`): Ray reserves it per task,
+so a GPU tagger gets a GPU and at most as many tasks run as the cluster can hold; the in-process
+executor has nothing to reserve and ignores it.
 """
 
 from __future__ import annotations
@@ -22,8 +27,13 @@ R = TypeVar("R")
 class Executor(Protocol):
     name: str
 
-    def map(self, fn: Callable[[T], R], items: Sequence[T], desc: str = "") -> list[R]:
-        """Apply `fn` to every item; results in input order."""
+    def map(self, fn: Callable[[T], R], items: Sequence[T], desc: str = "",
+            resources: dict[str, float] | None = None) -> list[R]:
+        """Apply `fn` to every item; results in input order. `resources`: what each task needs."""
+        ...
+
+    def check_resources(self, resources: dict[str, float] | None) -> None:
+        """Raise, before any work, if no worker could ever run a task needing `resources`."""
         ...
 
     def shutdown(self) -> None: ...
@@ -35,8 +45,13 @@ class LocalExecutor:
     def __init__(self, progress: bool = True) -> None:
         self.progress = progress
 
-    def map(self, fn: Callable[[T], R], items: Sequence[T], desc: str = "") -> list[R]:
+    def map(self, fn: Callable[[T], R], items: Sequence[T], desc: str = "",
+            resources: dict[str, float] | None = None) -> list[R]:
+        # One task at a time in this process: there is nothing to reserve.
         return [fn(x) for x in tqdm(items, desc=desc or None, disable=not self.progress, leave=False)]
+
+    def check_resources(self, resources: dict[str, float] | None) -> None:
+        pass
 
     def shutdown(self) -> None:
         pass
@@ -81,11 +96,14 @@ class RayExecutor:
         self.cpus_per_task = cpus_per_task
         self.progress = progress
 
-    def map(self, fn: Callable[[T], R], items: Sequence[T], desc: str = "") -> list[R]:
+    def map(self, fn: Callable[[T], R], items: Sequence[T], desc: str = "",
+            resources: dict[str, float] | None = None) -> list[R]:
         import ray
 
+        self.check_resources(resources)
         # ray.remote() refuses functools.partial; ship the callable once and apply it remotely.
-        remote_apply = ray.remote(num_cpus=self.cpus_per_task, max_retries=2)(_apply)
+        options = ray_task_options(resources, default_cpus=self.cpus_per_task)
+        remote_apply = ray.remote(max_retries=2, **options)(_apply)
         fn_ref = ray.put(fn)
         refs = [remote_apply.remote(fn_ref, x) for x in items]
         pending = list(refs)
@@ -94,6 +112,25 @@ class RayExecutor:
                 done, pending = ray.wait(pending, num_returns=1)
                 bar.update(len(done))
         return ray.get(refs)
+
+    def check_resources(self, resources: dict[str, float] | None) -> None:
+        """Refuse a task no node can hold (Ray would queue it forever): each resource asked for
+        must fit on one alive node."""
+        import ray
+
+        options = ray_task_options(resources, default_cpus=self.cpus_per_task)
+        wanted = {"CPU": options["num_cpus"], "GPU": options.get("num_gpus", 0),
+                  "memory": options.get("memory", 0)}
+        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+        if any(all(node.get(k, 0) >= v for k, v in wanted.items() if v) for node in nodes):
+            return
+        total = ray.cluster_resources()
+        asked = ", ".join(_show(k, v) for k, v in wanted.items() if v)
+        largest = ", ".join(_show(k, max((n.get(k, 0) for n in nodes), default=0)) for k in ("CPU", "GPU", "memory"))
+        raise InsufficientResourcesError(
+            f"each task asks for {asked}, but no node of the Ray cluster has that much (largest node: {largest}; "
+            f"cluster: {_show('CPU', total.get('CPU', 0))}, {_show('GPU', total.get('GPU', 0))}); lower the "
+            "steps' `resources:` in the config or run on a cluster with bigger nodes")
 
     def shutdown(self) -> None:
         import ray
@@ -104,6 +141,28 @@ class RayExecutor:
 
 class RayUnavailableError(RuntimeError):
     """The Ray cluster asked for cannot be reached; the message says what to do."""
+
+
+class InsufficientResourcesError(RayUnavailableError):
+    """Tasks ask for more CPUs, GPUs or memory than any node of the cluster has."""
+
+
+def ray_task_options(resources: dict[str, float] | None, default_cpus: float = 1.0) -> dict[str, Any]:
+    """A step's `resources` (cpus, gpus, memory_gb) as Ray task options (num_cpus, num_gpus, memory
+    in bytes); CPUs default to `default_cpus`, the rest to nothing reserved."""
+    resources = resources or {}
+    options: dict[str, Any] = {"num_cpus": resources.get("cpus", default_cpus)}
+    if resources.get("gpus"):
+        options["num_gpus"] = resources["gpus"]
+    if resources.get("memory_gb"):
+        options["memory"] = int(resources["memory_gb"] * 1024**3)
+    return options
+
+
+def _show(key: str, amount: float) -> str:
+    if key == "memory":
+        return f"{amount / 1024**3:.1f} GB memory"
+    return f"{amount:g} {key}s"
 
 
 # Seconds to wait for a TCP connect: a live head answers in milliseconds, even across a data centre.

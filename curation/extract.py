@@ -17,6 +17,7 @@ costs only its page, counted as `extract.error`.
 from __future__ import annotations
 
 import codecs
+import logging
 import os
 import pickle
 import select
@@ -32,6 +33,8 @@ from typing import IO, Any, ClassVar
 from curation.document import Document
 from curation.read.control_chars import strip_control_chars
 from curation.step import Step
+
+log = logging.getLogger(__name__)
 
 EXTRACTORS = ("resiliparse", "trafilatura", "hybrid")
 
@@ -112,35 +115,38 @@ class Extract(Step):
         return {**self.__dict__, "_process": None}
 
     def run(self, docs: Iterable[Document]) -> Iterator[Document]:
-        dropped = self.stats.dropped
         for doc in docs:
             if doc.raw is None:
                 if doc.text:
                     yield doc  # already text (WET): nothing to extract
                 else:
-                    dropped["extract.empty"] += 1
+                    self.drop(doc, "extract.empty")
                 continue
             if len(doc.raw) > self.max_html_bytes:
-                dropped["extract.too_large"] += 1
+                self.drop(doc, "extract.too_large")
                 continue
             try:
                 text = self._text(doc.raw, doc.charset)
             except ExtractorUnavailable:
                 raise  # every page would fail the same way
             except ExtractTimeout:
-                dropped["extract.timeout"] += 1
+                self.drop(doc, "extract.timeout")
                 self.stats.error("extract.timeout", id=doc.id, url=doc.metadata.get("url"))
+                log.warning("extract: page %s (%s) took over %s s; dropped as extract.timeout", doc.id,
+                            doc.metadata.get("url"), self.timeout_s)
                 continue
             except Exception as e:  # noqa: BLE001 - one broken page must not end the job
-                dropped["extract.error"] += 1
+                self.drop(doc, "extract.error")
                 self.stats.error("extract.error", id=doc.id, url=doc.metadata.get("url"),
                                  message=f"{type(e).__name__}: {e}")
+                log.warning("extract: page %s (%s) failed (%s: %s); dropped as extract.error", doc.id,
+                            doc.metadata.get("url"), type(e).__name__, e)
                 continue
             text, removed = strip_control_chars(text.strip())
             if removed:
                 self.stats.counters["control_chars_removed"] += removed
             if len(text) < self.min_chars:
-                dropped["extract.empty"] += 1
+                self.drop(doc, "extract.empty")
                 continue
             doc.text = text
             doc.raw = None

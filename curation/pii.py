@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import bisect
 import ipaddress
+import logging
 import re
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
@@ -30,6 +31,8 @@ from typing import Any, ClassVar, NamedTuple, Protocol
 
 from curation.document import Document
 from curation.step import Mapper
+
+log = logging.getLogger(__name__)
 
 EMAIL = "EMAIL_ADDRESS"
 PHONE = "PHONE_NUMBER"
@@ -526,6 +529,7 @@ class PiiMasker(Mapper):
         text = doc.text
         if not isinstance(text, str):
             self.stats.error("pii.bad_text", id=doc.id, type=type(text).__name__)
+            log.warning("pii: document %s has %s text, not str; passed on unmasked", doc.id, type(text).__name__)
             return doc
         spans = self.detector.detect(text)
         counts = dict.fromkeys(self.kinds, 0)

@@ -3,7 +3,13 @@
 1. shard phase (parallel, one task per input file): read → extract → filters/taggers → dedup
    signals, written to `_work/stage1/<shard>.parquet` with a completion marker;
 2. dedup phase (global): each dedup step decides, across all shards, which documents to drop;
-3. write phase (parallel): each shard minus the dropped documents becomes the final corpus shard.
+3. write phase (parallel): each shard minus the dropped documents runs the `after_dedup` steps (taggers
+   that should only see survivors) and is written to `documents/`, one file per partition folder
+   (`output.partition_by`, see curation/partition.py).
+
+With `keep_rejected`, every dropped document is kept too: phase 1 streams its shard's drops to
+`_work/rejected1/`, the write phase adds dedup's and the after_dedup steps' drops and writes
+`rejected/<source>/<shard>` beside the corpus (curation/rejected.py).
 
 Every output appears atomically and is followed by a marker holding that unit's stats, so a
 killed run restarts where it stopped: finished shards are skipped, never redone or duplicated.
@@ -38,19 +44,23 @@ from typing import Any
 import numpy as np
 import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curation.config import CurationConfig, validate_buildable
 from curation.corpus import DOCUMENTS_DIR, RUN_FILE, STATS_FILE, WORK_DIR
 from curation.dedup.cluster import DROP_SCHEMA
+from curation.document import Document
 from curation.executor import Executor, make_executor
-from curation.registry import DEDUP_STEPS, DOC_STEPS, ConfigError, build
-from curation.step import StepStats
+from curation.partition import PartitionedWriter, Partitioner
+from curation.registry import DEDUP_STEPS, DOC_STEPS, ConfigError, build, build_reader, phase_resources
+from curation.rejected import REJECTED_DIR, RejectSink, mark_rejected, rejection
+from curation.step import Step, StepStats, batched
 from curation.writer import (
     BASE_SCHEMA,
+    _doc_columns,
     atomic_write_text,
     clean_tmp,
-    write_dolma_table,
     write_parquet_docs,
     write_parquet_table,
 )
@@ -60,9 +70,11 @@ log = logging.getLogger(__name__)
 LOCK_FILE = "lock"
 # What a run writes, relative to the output directory; the only things `overwrite` removes.
 # `_work/download_cache` (remote inputs, keyed by URL) and the lock stay.
-OWNED = (f"{WORK_DIR}/{RUN_FILE}", f"{WORK_DIR}/stage1", f"{WORK_DIR}/dedup", f"{WORK_DIR}/final",
-         DOCUMENTS_DIR, STATS_FILE, "report.md", "funnel.png")
-# Names of the document files `final_path` makes: `<index>-<input name>.<ext>`.
+OWNED = (f"{WORK_DIR}/{RUN_FILE}", f"{WORK_DIR}/stage1", f"{WORK_DIR}/rejected1", f"{WORK_DIR}/dedup",
+         f"{WORK_DIR}/final", DOCUMENTS_DIR, REJECTED_DIR, STATS_FILE, "report.md", "funnel.png")
+# Rows per table the write phase streams through (a shard is never read whole).
+WRITE_BATCH_ROWS = 2000
+# Names of the document (and rejected) files the write phase makes: `<shard key>.<ext>`.
 _DOCUMENT_NAME = re.compile(r"\d{5,}-[^/]*\.(parquet|jsonl\.gz)")
 
 
@@ -78,6 +90,7 @@ class RunContext:
     work: str
     output: str
     added: str
+    keep_rejected: bool = False
 
 
 @dataclass(frozen=True)
@@ -103,7 +116,7 @@ def input_version(path: str) -> str:
 
 def shard_key(index: int, path: str) -> str:
     name = Path(path.rstrip("/")).name
-    for suffix in (".gz", ".warc", ".arc", ".wet", ".wat", ".txt"):
+    for suffix in (".gz", ".zst", ".warc", ".arc", ".wet", ".wat", ".txt", ".jsonl", ".json", ".parquet", ".arrow"):
         name = name.removesuffix(suffix)
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
     return f"{index:05d}-{safe}"
@@ -117,13 +130,10 @@ _BUILT: dict[str, tuple[Any, list[Any], list[Any]]] = {}
 
 def _build_steps(ctx: RunContext) -> tuple[Any, list[Any], list[Any]]:
     """Build the reader and steps once per process (models load once), fresh stats per shard."""
-    from curation.read.warc import WarcReader
-
     cfg = CurationConfig.from_dict(ctx.config)
     key = cfg.fingerprint() + ctx.added
     if key not in _BUILT:
-        reader = WarcReader(source=cfg.source, added=ctx.added,
-                            **{**cfg.read, "cache_dir": download_cache(cfg, Path(ctx.work))})
+        reader = build_reader(cfg.reader, cfg.source, ctx.added, download_cache(cfg, Path(ctx.work)))
         steps = [build(s.name, s.params, DOC_STEPS) for s in cfg.steps]
         dedups = [build(s.name, s.params, DEDUP_STEPS) for s in cfg.dedup]
         _BUILT.clear()
@@ -141,23 +151,47 @@ def process_shard(ctx: RunContext, shard: Shard) -> dict[str, Any]:
     marker = stage1 / f"{shard.key}.done.json"
     if marker.exists():
         done = json.loads(marker.read_text())
-        if done.get("input_version") == shard.version:
+        if done.get("input_version") != shard.version:
+            log.info("%s changed since its shard was made; redoing it", shard.path)
+        elif not _phase1_rejects_match(ctx, shard, done):
+            log.info("shard %s was made with keep_rejected=%s; redoing it", shard.key, not ctx.keep_rejected)
+        else:
+            log.debug("shard %s: phase 1 already done", shard.key)
             return done
-        log.info("%s changed since its shard was made; redoing it", shard.path)
         marker.unlink()  # its shard is about to be replaced; never trust the pair half-updated
     reader, steps, dedups = _build_steps(ctx)
 
     t0 = time.perf_counter()
-    stream: Any = reader.read(shard.path)
-    for step in steps:
-        stream = step(stream)
+    # Kept rejects stream to `_work/rejected1/<shard>.parquet` in batches as the steps drop them.
+    rejects = PartitionedWriter(Path(ctx.work) / "rejected1", shard.key, "parquet") if ctx.keep_rejected else None
+    sink = RejectSink(lambda t: rejects.write([""] * t.num_rows, t)) if rejects is not None else None
+    try:
+        for step in steps:
+            step.on_drop = sink.hook(step.name) if sink is not None else None
+        stream: Any = reader.read(shard.path)
+        for step in steps:
+            stream = step(stream)
 
-    for d in dedups:  # dedup signals only; the decisions are global (phase 2)
-        stream = d.run(stream)
-    out = stage1 / f"{shard.key}.parquet"
-    rows = write_parquet_docs(stream, out, internal=True)
+        for d in dedups:  # dedup signals only; the decisions are global (phase 2)
+            stream = d.run(stream)
+        out = stage1 / f"{shard.key}.parquet"
+        rows = write_parquet_docs(stream, out, internal=True)
+        if sink is not None and rejects is not None:
+            sink.flush()
+            rejects.close()
+    except BaseException:
+        if rejects is not None:
+            rejects.abort()
+        raise
+    finally:
+        for step in steps:
+            step.on_drop = None
     if not rows:  # an empty stream writes nothing; an earlier version's shard must not stay
         out.unlink(missing_ok=True)
+    if sink is not None:
+        if not sink.rows:
+            rejected1_path(ctx, shard).unlink(missing_ok=True)
+        _check_rejects_complete(steps, sink)
     read_stats = reader.stats
     # The reader's input is records, not documents (its skips are in counters by kind), so its
     # row in the funnel starts at the documents it produced.
@@ -169,14 +203,48 @@ def process_shard(ctx: RunContext, shard: Shard) -> dict[str, Any]:
         "rows": rows,
         "seconds": round(time.perf_counter() - t0, 3),
         "steps": [read_stats.to_dict()] + [s.stats.to_dict() for s in steps],
+        "keep_rejected": ctx.keep_rejected,
+        "rejected": sink.rows if sink is not None else 0,
     }
     if read_stats.errors.get("read.unavailable"):
         # The input could not be opened (a missing file, a failed download): no marker, so a rerun
         # tries it again instead of taking an empty shard as done.
+        log.warning("shard %s: %s could not be opened; rerun the same command to retry it", shard.key, shard.path)
         result["unavailable"] = True
         return result
+    if read_stats.errors:
+        first = next((x for x in read_stats.samples if x.get("kind") in read_stats.errors), {})
+        log.warning("shard %s: read errors in %s (%s)%s", shard.key, shard.path,
+                    ", ".join(f"{k} {v}" for k, v in sorted(read_stats.errors.items())),
+                    f"; first: {first.get('message', '')}" if first.get("message") else "")
+    log.info("shard %s: %d documents read, %d kept after the steps%s, %.1f s", shard.key, read_stats.docs_out,
+             rows, f", {result['rejected']} rejects kept" if ctx.keep_rejected else "", result["seconds"])
     atomic_write_text(marker, json.dumps(result))
     return result
+
+
+def rejected1_path(ctx: RunContext, shard: Shard) -> Path:
+    return Path(ctx.work) / "rejected1" / f"{shard.key}.parquet"
+
+
+def _phase1_rejects_match(ctx: RunContext, shard: Shard, done: dict[str, Any]) -> bool:
+    """A phase-1 marker serves this run only if it was made with the same `keep_rejected` and
+    its rejects file, if it has one, is still there."""
+    if done.get("keep_rejected", False) != ctx.keep_rejected:
+        return False
+    return not (ctx.keep_rejected and done.get("rejected")) or rejected1_path(ctx, shard).is_file()
+
+
+def _check_rejects_complete(steps: list[Step], sink: RejectSink) -> None:
+    """Warn when a step dropped documents without handing them to `Step.drop` (a step that counts
+    its drops by hand): they are in the stats but missing from `rejected/`."""
+    dropped: Counter = Counter()
+    for step in steps:
+        dropped[step.name] += sum(step.stats.dropped.values())
+    for name, n in dropped.items():
+        if n != sink.counts[name]:
+            log.warning("step %s dropped %d documents but handed %d to Step.drop; rejected/ misses the rest "
+                        "(the step should call self.drop(doc, reason))", name, n, sink.counts[name])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,13 +313,17 @@ def run_dedup(ctx: RunContext, shards: list[Shard], phase1: str, executor: Execu
     return stats
 
 
+# A shard's merged drop list: DROP_SCHEMA plus the dedup step that dropped the row.
+MERGED_DROP_SCHEMA = DROP_SCHEMA.append(pa.field("step", pa.string()))
+
+
 def dropped_path(ctx: RunContext, shard: Shard) -> Path:
     return Path(ctx.work) / "dedup" / "dropped" / f"{shard.key}.parquet"
 
 
 def merge_drops(ctx: RunContext, phase1: str, item: tuple[Shard, list[str]]) -> dict[str, Any]:
     """One shard: its drop lists of every dedup step (paths relative to `_work/dedup`, "" for
-    none) → one list where each row carries the reason of the first step that dropped it.
+    none) → one list where each row carries the step and reason of the first step that dropped it.
     Returns the shard's phase-1 row count and, per step, the rows it newly dropped by reason."""
     shard, files = item
     out = dropped_path(ctx, shard)
@@ -264,7 +336,7 @@ def merge_drops(ctx: RunContext, phase1: str, item: tuple[Shard, list[str]]) -> 
     taken = np.empty(0, dtype=np.int64)
     tables: list[pa.Table] = []
     per_step: list[dict[str, int]] = []
-    for f in files:
+    for spec, f in zip(CurationConfig.from_dict(ctx.config).dedup, files, strict=True):
         if not f:
             per_step.append({})
             continue
@@ -272,8 +344,8 @@ def merge_drops(ctx: RunContext, phase1: str, item: tuple[Shard, list[str]]) -> 
         t = t.filter(pa.array(~np.isin(t["row"].to_numpy(), taken)))
         per_step.append(dict(Counter(t["reason"].to_pylist())))
         taken = np.concatenate([taken, t["row"].to_numpy()])
-        tables.append(t)
-    table = pa.concat_tables(tables) if tables else DROP_SCHEMA.empty_table()
+        tables.append(t.append_column("step", pa.array([spec.name] * t.num_rows, pa.string())))
+    table = pa.concat_tables(tables) if tables else MERGED_DROP_SCHEMA.empty_table()
     table = table.set_column(0, "shard", pa.array([shard.key] * table.num_rows, pa.string())).sort_by("row")
     write_parquet_table(table, out)  # written even when empty: a stale list must never stay
     result = {"shard": shard.key, "rows": pq.read_metadata(stage1_path(ctx, shard)).num_rows,
@@ -290,57 +362,151 @@ def stage1_path(ctx: RunContext, shard: Shard) -> Path:
     return Path(ctx.work) / "stage1" / f"{shard.key}.parquet"
 
 
-def final_path(ctx: RunContext, shard: Shard, source: str) -> Path:
-    cfg = CurationConfig.from_dict(ctx.config)
-    ext = "parquet" if cfg.format == "parquet" else "jsonl.gz"
-    safe_source = "".join(c if c.isalnum() or c in "-_." else "_" for c in source) or "unknown"
-    return Path(ctx.output) / DOCUMENTS_DIR / safe_source / f"{shard.key}.{ext}"
-
-
 def write_shard(ctx: RunContext, phase1: str, shard: Shard) -> dict[str, Any]:
-    """Phase 3 for one shard: drop its deduplicated rows (its own list only), strip internal
-    columns, write."""
+    """Phase 3 for one shard: drop its deduplicated rows (its own list only), run the after_dedup
+    steps on the survivors, write them to their partition folders (internal columns stripped) and,
+    with `keep_rejected`, its rejects to `rejected/`. Streams the shard in batches."""
     marker = Path(ctx.work) / "final" / f"{shard.key}.done.json"
     if marker.exists():
         done = json.loads(marker.read_text())
-        if done.get("phase1") == phase1 and (not done["file"] or (Path(ctx.output) / done["file"]).is_file()):
+        listed = [f["path"] for f in done.get("files", []) + done.get("rejected_files", [])]
+        if (done.get("phase1") == phase1 and done.get("keep_rejected", False) == ctx.keep_rejected
+                and all((Path(ctx.output) / p).is_file() for p in listed)):
+            log.debug("shard %s: already written", shard.key)
             return done
     cfg = CurationConfig.from_dict(ctx.config)
-    table = pq.read_table(stage1_path(ctx, shard), columns=BASE_SCHEMA.names)
-    if cfg.dedup:
-        drops = pq.read_table(dropped_path(ctx, shard), columns=["row"])
-        keep = np.ones(table.num_rows, dtype=np.bool_)
-        keep[drops["row"].to_numpy()] = False
-        table = table.filter(pa.array(keep))
+    t0 = time.perf_counter()
+    output = Path(ctx.output)
+    partitioner = Partitioner(cfg.output.get("partition_by"), cfg.output.get("buckets"))
+    documents = PartitionedWriter(output / DOCUMENTS_DIR, shard.key, cfg.format)
+    rejects = PartitionedWriter(output / REJECTED_DIR, shard.key, cfg.format) if ctx.keep_rejected else None
+    steps = _after_dedup_steps(ctx)
+    sink = RejectSink(partial(_write_by_source, rejects)) if rejects is not None else None
     langs: Counter = Counter()
     chars = 0
-    for meta, text in zip(table["metadata"].to_pylist(), table["text"].to_pylist(), strict=True):
-        langs[(orjson.loads(meta) if meta else {}).get("lang", "unknown")] += 1
-        chars += len(text)
-    file = ""
-    if table.num_rows:
-        out = final_path(ctx, shard, cfg.source)
-        if cfg.format == "parquet":
-            write_parquet_table(table, out)
-        else:
-            write_dolma_table(table, out)
-        file = out.relative_to(ctx.output).as_posix()
-    result = {"shard": shard.key, "rows": table.num_rows, "chars": chars, "languages": dict(langs),
-              "file": file, "phase1": phase1}
+    try:
+        for step in steps:
+            step.on_drop = sink.hook(step.name) if sink is not None else None
+        if rejects is not None and rejected1_path(ctx, shard).is_file():
+            for batch in pq.ParquetFile(rejected1_path(ctx, shard)).iter_batches(WRITE_BATCH_ROWS):
+                _write_by_source(rejects, pa.Table.from_batches([batch]))
+        survivors = _dedup_survivors(ctx, cfg, shard, rejects)
+        for table in _run_after_dedup(survivors, steps):
+            metas = [orjson.loads(m) if m else {} for m in table["metadata"].to_pylist()]
+            langs.update(m.get("lang", "unknown") for m in metas)
+            chars += pc.sum(pc.utf8_length(table["text"])).as_py() or 0
+            documents.write([partitioner.folder(src, m) for src, m in zip(table["source"].to_pylist(), metas,
+                                                                           strict=True)], table)
+        if sink is not None:
+            sink.flush()
+        files = documents.close()
+        rejected_files = rejects.close() if rejects is not None else {}
+    except BaseException:
+        documents.abort()
+        if rejects is not None:
+            rejects.abort()
+        raise
+    finally:
+        for step in steps:
+            step.on_drop = None
+    rows = sum(files.values())
+    rows_in = steps[0].stats.docs_in if steps else rows
+    result = {"shard": shard.key, "rows": rows, "chars": chars, "languages": dict(langs),
+              "files": [{"path": p, "documents": n} for p, n in files.items()],
+              "steps": [s.stats.to_dict() for s in steps], "keep_rejected": ctx.keep_rejected,
+              "rejected_files": [{"path": p, "documents": n} for p, n in rejected_files.items()],
+              "seconds": round(time.perf_counter() - t0, 3), "phase1": phase1}
+    log.info("shard %s written: %d documents after dedup, %d written to %d files%s, %.1f s", shard.key, rows_in,
+             rows, len(files), f", {sum(rejected_files.values())} rejects kept" if ctx.keep_rejected else "",
+             result["seconds"])
     atomic_write_text(marker, json.dumps(result))
     return result
 
 
-def remove_stale_documents(output: Path, written: set[str]) -> list[Path]:
-    """Delete document files this run did not write (an earlier version of a changed input, one
-    whose documents are now all dropped), so no stale shard sits beside the corpus. Only names
-    `final_path` makes are touched."""
+_AFTER_DEDUP: dict[str, list[Any]] = {}
+
+
+def _after_dedup_steps(ctx: RunContext) -> list[Any]:
+    """The after_dedup steps, built once per process (models load once), fresh stats per shard."""
+    cfg = CurationConfig.from_dict(ctx.config)
+    key = cfg.fingerprint() + ctx.added
+    if key not in _AFTER_DEDUP:
+        _AFTER_DEDUP.clear()
+        _AFTER_DEDUP[key] = [build(s.name, s.params, DOC_STEPS) for s in cfg.after_dedup]
+    steps = _AFTER_DEDUP[key]
+    for s in steps:
+        s.stats = StepStats(s.name)
+    return steps
+
+
+def _dedup_survivors(ctx: RunContext, cfg: CurationConfig, shard: Shard,
+                     rejects: PartitionedWriter | None) -> Iterator[pa.Table]:
+    """The shard's phase-1 rows (BASE_SCHEMA) that dedup kept, in tables of WRITE_BATCH_ROWS; the
+    rows it dropped go to `rejects` (when kept) with their step, reason and surviving copy."""
+    path = stage1_path(ctx, shard)
+    if not path.is_file():  # the steps dropped every document of this shard
+        return
+    drops = pq.read_table(dropped_path(ctx, shard)) if cfg.dedup else MERGED_DROP_SCHEMA.empty_table()
+    rows = drops["row"].to_numpy()  # sorted by merge_drops
+    offset = 0
+    for batch in pq.ParquetFile(path).iter_batches(WRITE_BATCH_ROWS, columns=BASE_SCHEMA.names):
+        table = pa.Table.from_batches([batch])
+        lo, hi = np.searchsorted(rows, [offset, offset + table.num_rows])
+        if hi > lo:
+            at = rows[lo:hi] - offset
+            if rejects is not None:
+                why = [rejection(step, reason, duplicate_of=dup) for step, reason, dup in zip(
+                    drops["step"][lo:hi].to_pylist(), drops["reason"][lo:hi].to_pylist(),
+                    drops["duplicate_of"][lo:hi].to_pylist(), strict=True)]
+                _write_by_source(rejects, mark_rejected(table.take(at), why))
+            keep = np.ones(table.num_rows, dtype=np.bool_)
+            keep[at] = False
+            table = table.filter(pa.array(keep))
+        offset += batch.num_rows
+        if table.num_rows:
+            yield table
+
+
+def _run_after_dedup(tables: Iterator[pa.Table], steps: list[Step]) -> Iterator[pa.Table]:
+    """The survivors through the after_dedup steps, as BASE_SCHEMA tables again."""
+    if not steps:
+        yield from tables
+        return
+
+    def documents() -> Iterator[Document]:
+        for table in tables:
+            for row in table.to_pylist():
+                row["metadata"] = orjson.loads(row["metadata"]) if row["metadata"] else {}
+                yield Document.from_row(row)
+
+    stream: Iterator[Document] = documents()
+    for step in steps:
+        stream = step(stream)
+    for batch in batched(stream, WRITE_BATCH_ROWS):
+        yield pa.table(_doc_columns(batch, []), schema=BASE_SCHEMA)
+
+
+def _write_by_source(rejects: PartitionedWriter | None, table: pa.Table) -> None:
+    """Rejected rows go to `rejected/<source>/`, whatever the corpus's partitioning."""
+    assert rejects is not None
+    by_source = Partitioner()
+    rejects.write([by_source.folder(s, {}) for s in table["source"].to_pylist()], table)
+
+
+def remove_stale_files(folder: Path, written: set[str]) -> list[Path]:
+    """Delete document (or rejected) files under `folder` that this run did not write (an earlier
+    version of a changed input, a shard whose documents are now all dropped or in other partitions),
+    so no stale shard sits beside the corpus, then the folders that left empty. Only names the
+    write phase makes are touched; `written` holds paths relative to `folder`'s parent."""
     removed = []
-    docs = output / DOCUMENTS_DIR
-    for p in sorted(docs.rglob("*")) if docs.is_dir() else []:
-        if p.is_file() and _DOCUMENT_NAME.fullmatch(p.name) and p.relative_to(output).as_posix() not in written:
+    for p in sorted(folder.rglob("*")) if folder.is_dir() else []:
+        if (p.is_file() and _DOCUMENT_NAME.fullmatch(p.name)
+                and p.relative_to(folder.parent).as_posix() not in written):
             p.unlink()
             removed.append(p)
+    for d in sorted((p for p in folder.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        if not any(d.iterdir()):
+            d.rmdir()
     return removed
 
 
@@ -388,11 +554,13 @@ def _lock_holder(fd: int) -> str:
 
 def _foreign_results(output: Path) -> list[str]:
     """Results in `output` that no run.json accounts for (an empty documents/ holds none)."""
-    results = (f"{WORK_DIR}/stage1", f"{WORK_DIR}/dedup", f"{WORK_DIR}/final", STATS_FILE, "report.md")
+    results = (f"{WORK_DIR}/stage1", f"{WORK_DIR}/rejected1", f"{WORK_DIR}/dedup", f"{WORK_DIR}/final",
+               STATS_FILE, "report.md")
     found = [name for name in results if (output / name).exists()]
-    docs = output / DOCUMENTS_DIR
-    if docs.is_dir() and any(p.is_file() for p in docs.rglob("*")):
-        found.append(DOCUMENTS_DIR)
+    for name in (DOCUMENTS_DIR, REJECTED_DIR):
+        folder = output / name
+        if folder.is_dir() and any(p.is_file() for p in folder.rglob("*")):
+            found.append(name)
     return found
 
 
@@ -406,7 +574,8 @@ def remove_owned(output: Path) -> None:
             p.unlink(missing_ok=True)
 
 
-def _start_or_resume(output: Path, cfg: CurationConfig, shards: list[Shard]) -> dict[str, Any]:
+def _start_or_resume(output: Path, cfg: CurationConfig, shards: list[Shard],
+                     keep_rejected: bool = False) -> dict[str, Any]:
     run_file = output / WORK_DIR / RUN_FILE
     paths = [s.path for s in shards]
     versions = [s.version for s in shards]
@@ -418,6 +587,14 @@ def _start_or_resume(output: Path, cfg: CurationConfig, shards: list[Shard]) -> 
             raise OutputConflictError(
                 f"{output} holds a run with a different config or inputs (the {' and '.join(differ)} "
                 "differ); pass --overwrite to replace it, or choose another --output"
+            )
+        # Refused, not redone: the rejects of every finished shard would be missing (or stale),
+        # and phase 1 is the expensive part.
+        if run.get("keep_rejected", False) != keep_rejected:
+            started = "with" if run.get("keep_rejected", False) else "without"
+            raise OutputConflictError(
+                f"{output} holds a run started {started} --keep-rejected; rerun {started} it to resume, "
+                "pass --overwrite to start over, or choose another --output"
             )
         if run.get("input_versions") != versions:
             # Same paths, new content: the changed shards and every global result are redone
@@ -434,6 +611,7 @@ def _start_or_resume(output: Path, cfg: CurationConfig, shards: list[Shard]) -> 
         "fingerprint": cfg.fingerprint(),
         "inputs": paths,
         "input_versions": versions,
+        "keep_rejected": keep_rejected,
         # One timestamp for the whole run, reused on resume, so a resumed run is byte-identical.
         "added": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z"),
         "config": cfg.to_dict(),
@@ -446,9 +624,10 @@ def _clean_owned_tmp(output: Path) -> None:
     """Temp files of a killed run: only in what a run owns, only names the writer makes."""
     work = output / WORK_DIR
     clean_tmp(work, recursive=False)  # run.json
-    for sub in ("stage1", "dedup", "final"):
+    for sub in ("stage1", "rejected1", "dedup", "final"):
         clean_tmp(work / sub)
     clean_tmp(output / DOCUMENTS_DIR)
+    clean_tmp(output / REJECTED_DIR)
     clean_tmp(output, suffixes=(STATS_FILE, "report.md"), recursive=False)
 
 
@@ -465,12 +644,14 @@ def curate(
     output_format: str | None = None,
     progress: bool = True,
     overwrite: bool = False,
+    keep_rejected: bool = False,
 ) -> dict[str, Any]:
     """Curate `inputs` (paths, globs, listings, URLs) into `output`; returns the stats dict.
 
-    Resumes a run of the same config and inputs in `output`; refuses one of another config or
-    inputs, or results no run record accounts for, unless `overwrite` (which first deletes what a
-    run writes there, and nothing else).
+    Resumes a run of the same config, inputs and `keep_rejected` in `output`; refuses one of
+    another, or results no run record accounts for, unless `overwrite` (which first deletes what a
+    run writes there, and nothing else). With `keep_rejected`, every dropped document is written
+    to `output/rejected/` with its step and reason (curation/rejected.py).
     """
     from curation.read.inputs import expand_inputs
     from curation.report import write_report
@@ -483,37 +664,50 @@ def curate(
     work = output / WORK_DIR
     with hold_output(output):
         # Expanded before anything is removed, so a typo in --input fails with the output intact.
+        reader = build_reader(cfg.reader, cfg.source, "", download_cache(cfg, work))
         paths = expand_inputs(inputs, cache_dir=download_cache(cfg, work),
-                              allow_local_in_listings=bool(cfg.read.get("allow_local_in_listings", False)))
+                              allow_local_in_listings=bool(cfg.read.get("allow_local_in_listings", False)),
+                              files_in=reader.files_in)
         if overwrite:
             remove_owned(output)
         shards = [Shard(shard_key(i, p), p, input_version(p)) for i, p in enumerate(paths)]
-        run = _start_or_resume(output, cfg, shards)
+        run = _start_or_resume(output, cfg, shards, keep_rejected)
         _clean_owned_tmp(output)
         # Readers take stats.json as "the corpus is complete"; it comes back when this run is.
         (output / STATS_FILE).unlink(missing_ok=True)
-        ctx = RunContext(config=cfg.to_dict(), work=str(work), output=str(output), added=run["added"])
+        ctx = RunContext(config=cfg.to_dict(), work=str(work), output=str(output), added=run["added"],
+                         keep_rejected=keep_rejected)
 
         t0 = time.perf_counter()
         ex = make_executor(executor, ray_address=ray_address, progress=progress)
         try:
-            shard_results = ex.map(partial(process_shard, ctx), shards, desc="extract + filter")
+            # Every phase's request is checked now: one no node can hold must not wait for phase 3.
+            for specs in ([cfg.reader, *cfg.steps, *cfg.dedup], cfg.after_dedup):
+                ex.check_resources(phase_resources(specs))
+            shard_results = ex.map(partial(process_shard, ctx), shards, desc="extract + filter",
+                                   resources=phase_resources([cfg.reader, *cfg.steps, *cfg.dedup]))
             phase1 = phase1_digest(ctx, shard_results)
             nonempty = [s for s, r in zip(shards, shard_results, strict=True) if r["rows"]]
             dedup_stats = run_dedup(ctx, nonempty, phase1, ex) if cfg.dedup and nonempty else []
-            final_results = ex.map(partial(write_shard, ctx, phase1), nonempty, desc="write")
+            # A shard whose documents were all dropped still has rejects to write.
+            to_write = [s for s, r in zip(shards, shard_results, strict=True)
+                        if r["rows"] or (keep_rejected and r.get("rejected"))]
+            final_results = ex.map(partial(write_shard, ctx, phase1), to_write, desc="write",
+                                   resources=phase_resources(cfg.after_dedup))
         finally:
             ex.shutdown()
-        remove_stale_documents(output, {r["file"] for r in final_results if r["file"]})
+        for folder, key in ((DOCUMENTS_DIR, "files"), (REJECTED_DIR, "rejected_files")):
+            remove_stale_files(output / folder, {f["path"] for r in final_results for f in r.get(key, [])})
         stats = assemble_stats(cfg, shard_results, dedup_stats, final_results, time.perf_counter() - t0,
-                               executor)
+                               executor, keep_rejected)
         write_report(stats, output)
         atomic_write_text(output / STATS_FILE, json.dumps(stats, indent=1))
     return stats
 
 
 def assemble_stats(cfg: CurationConfig, shard_results: list[dict], dedup_stats: list[dict],
-                   final_results: list[dict], wall: float, executor: str) -> dict[str, Any]:
+                   final_results: list[dict], wall: float, executor: str,
+                   keep_rejected: bool = False) -> dict[str, Any]:
     merged: dict[str, StepStats] = {}
     order: list[str] = []
     for r in shard_results:
@@ -523,7 +717,12 @@ def assemble_stats(cfg: CurationConfig, shard_results: list[dict], dedup_stats: 
                 merged[s.name] = StepStats(s.name)
                 order.append(s.name)
             merged[s.name].merge(s)
-    steps = [merged[n].to_dict() for n in order] + dedup_stats
+    # After dedup, by position: a step may also appear (under its name) before dedup.
+    after = [StepStats(s.name) for s in cfg.after_dedup]
+    for r in final_results:
+        for total, d in zip(after, r.get("steps", []), strict=False):
+            total.merge(StepStats.from_dict(d))
+    steps = [merged[n].to_dict() for n in order] + dedup_stats + [s.to_dict() for s in after]
     langs: Counter = Counter()
     for r in final_results:
         langs.update(r["languages"])
@@ -544,5 +743,10 @@ def assemble_stats(cfg: CurationConfig, shard_results: list[dict], dedup_stats: 
         "shards": [{"shard": r["shard"], "path": r["path"], "rows_after_filters": r["rows"]}
                    for r in shard_results],
         # The corpus: every document file this run wrote, relative to the output (curation/corpus.py).
-        "files": [{"path": r["file"], "documents": r["rows"]} for r in final_results if r["file"]],
+        "files": sorted((f for r in final_results for f in r["files"]), key=lambda f: f["path"]),
+        # Only with --keep-rejected: every dropped document, with its step and reason (curation/rejected.py).
+        **({"rejected_files": sorted((f for r in final_results for f in r["rejected_files"]),
+                                     key=lambda f: f["path"])} if keep_rejected else {}),
+        # What made the corpus, so it can be refiltered (curation/refilter.py) after `_work/` is gone.
+        "config": cfg.to_dict(),
     }

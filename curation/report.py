@@ -33,8 +33,21 @@ def write_report(stats: dict[str, Any], output: Path) -> Path:
     if stats.get("inputs_unavailable"):
         lines += ["", f"**{len(stats['inputs_unavailable'])} inputs could not be opened** (rerun the same "
                   "command to retry them): " + ", ".join(stats["inputs_unavailable"])]
+    if "rejected_files" in stats:
+        kept = sum(f["documents"] for f in stats["rejected_files"])
+        lines += ["", f"**{kept:,} dropped documents were kept** in `rejected/` ({len(stats['rejected_files'])} "
+                  "files, listed in stats.json's `rejected_files`): each names its step and reason in "
+                  "`metadata.rejected` and keeps the scores computed up to the drop in `metadata.attributes`."]
     if funnel_png:
         lines += ["", f"![funnel]({funnel_png.name})"]
+    folders: dict[str, list[int]] = {}
+    for f in stats.get("files", []):
+        folder = folders.setdefault(f["path"].rsplit("/", 1)[0], [0, 0])
+        folder[0] += 1
+        folder[1] += f["documents"]
+    if folders:
+        lines += ["", "## Written files by folder", "", "| folder | files | documents |", "|---|---:|---:|"]
+        lines += [f"| `{name}/` | {n:,} | {docs:,} |" for name, (n, docs) in sorted(folders.items())]
     lines += ["", "## Language mix of the written corpus", "", "| language | documents | share |", "|---|---:|---:|"]
     total = max(1, stats["documents_written"])
     for lang, n in stats["languages"].items():

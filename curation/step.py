@@ -7,13 +7,19 @@ documents in/out, drops per reason and seconds, so no step hand-writes its bookk
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from curation.document import Document
+
+log = logging.getLogger(__name__)
+
+# Documents per `annotate_batch` call when a batching filter names no size.
+DEFAULT_BATCH_SIZE = 256
 
 
 @dataclass
@@ -79,9 +85,28 @@ class Step:
     """A document transformer. Subclasses implement `run`; `__call__` adds the bookkeeping."""
 
     name: ClassVar[str] = "step"
+    # What one task running this step needs (`cpus`, `gpus`, `memory_gb`); a config's
+    # `resources:` overrides it, and a phase's tasks ask for the max over their steps.
+    resources: ClassVar[dict[str, float]] = {}
+    # Documents per `annotate_batch` call (Filter); None for a step that scores one at a time.
+    batch_size: ClassVar[int | None] = None
+    # What recomputing this step's output costs, for `refinery refilter`: "cheap" (a text
+    # heuristic, rerun on stored text when a document never reached the step) or "model" (never rerun:
+    # a document without its stored scores keeps its old decision).
+    rescoring_cost: ClassVar[str] = "cheap"
+    # Receives (document, reason) for every document the step drops, when set: `--keep-rejected`
+    # sets it per shard to write the document to `rejected/`. None (the default) costs nothing.
+    on_drop: Callable[[Document, str], None] | None = None
 
     def __init__(self) -> None:
         self.stats = StepStats(self.name)
+
+    def drop(self, doc: Document, reason: str) -> None:
+        """Count `doc` as dropped for `reason` and hand it to `on_drop`. A step that drops in its own
+        `run` calls this rather than counting by hand, so no kept reject is missed."""
+        self.stats.dropped[reason] += 1
+        if self.on_drop is not None:
+            self.on_drop(doc, reason)
 
     def run(self, docs: Iterable[Document]) -> Iterator[Document]:
         raise NotImplementedError
@@ -135,28 +160,70 @@ class Filter(Step):
     """
 
     name: ClassVar[str] = "filter"
+    # Parameters only `reject` reads (thresholds): `refinery refilter` applies a new value to stored
+    # scores. Any other parameter changes what the scores mean, and refilter refuses to change it.
+    decision_params: ClassVar[frozenset[str]] = frozenset()
+
+    def has_scores(self, doc: Document) -> bool:
+        """Whether `doc` holds this filter's scores (refilter decides from them). The default trusts
+        `reject`, which raises KeyError when a score it reads is missing."""
+        return True
 
     def annotate(self, doc: Document) -> None:
         """Compute this filter's scores into `doc.attributes`. Default: nothing to score."""
+
+    def annotate_batch(self, docs: list[Document]) -> None:
+        """Score a batch at once (one model call for many documents). A filter that overrides it
+        is fed batches of `batch_size`; it must still implement `annotate`, which scores the
+        documents one by one when the batch call raises, so one bad document is one counted drop."""
+        for doc in docs:
+            self.annotate(doc)
 
     def reject(self, doc: Document) -> str | None:
         raise NotImplementedError
 
     def run(self, docs: Iterable[Document]) -> Iterator[Document]:
-        stats = self.stats
-        dropped = stats.dropped
-        for doc in docs:
-            try:
-                self.annotate(doc)
-                reason = self.reject(doc)
-            except Exception as e:  # one bad document is a counted drop, never a dead job
-                stats.error(f"{self.name}.exception", id=doc.id, message=repr(e)[:300])
-                reason = f"{self.name}.error"
+        if type(self).annotate_batch is Filter.annotate_batch:
+            scored: Iterator[tuple[Document, str | None]] = ((d, self._annotate_one(d)) for d in docs)
+        else:
+            scored = self._annotated_batches(docs)
+        for doc, failed in scored:
+            reason = failed
+            if reason is None:
+                try:
+                    reason = self.reject(doc)
+                except Exception as e:  # one bad document is a counted drop, never a dead job
+                    reason = self._error(doc, e)
             if reason is None:
                 self.on_keep(doc)
                 yield doc
             else:
-                dropped[reason] += 1
+                self.drop(doc, reason)
+
+    def _annotated_batches(self, docs: Iterable[Document]) -> Iterator[tuple[Document, str | None]]:
+        """Each document after `annotate_batch` scored its batch, with the drop reason if scoring
+        it failed. A batch that raises is scored again one by one, to find the bad document."""
+        for batch in batched(docs, self.batch_size or DEFAULT_BATCH_SIZE):
+            try:
+                self.annotate_batch(batch)
+            except Exception as e:
+                self.stats.counters[f"{self.name}.batch_retried"] += 1
+                log.debug("%s: a batch of %d failed (%r); scoring it one by one", self.name, len(batch), e)
+                yield from ((d, self._annotate_one(d)) for d in batch)
+            else:
+                yield from ((d, None) for d in batch)
+
+    def _annotate_one(self, doc: Document) -> str | None:
+        """Score one document; returns the drop reason if scoring raised."""
+        try:
+            self.annotate(doc)
+        except Exception as e:  # one bad document is a counted drop, never a dead job
+            return self._error(doc, e)
+        return None
+
+    def _error(self, doc: Document, e: Exception) -> str:
+        self.stats.error(f"{self.name}.exception", id=doc.id, message=repr(e)[:300])
+        return f"{self.name}.error"
 
     def on_keep(self, doc: Document) -> None:
         """Called for each kept document; filters that also rewrite kept text do it here."""
@@ -174,17 +241,28 @@ class Mapper(Step):
 
     def run(self, docs: Iterable[Document]) -> Iterator[Document]:
         stats = self.stats
-        dropped = stats.dropped
         for doc in docs:
             try:
                 out = self.apply(doc)
             except Exception as e:  # one bad document is a counted drop, never a dead job
                 stats.error(f"{self.name}.exception", id=doc.id, message=repr(e)[:300])
-                dropped[f"{self.name}.error"] += 1
+                self.drop(doc, f"{self.name}.error")
                 continue
             if out is None:
-                dropped[f"{self.name}.empty"] += 1
+                self.drop(doc, f"{self.name}.empty")
             elif isinstance(out, str):
-                dropped[out] += 1
+                self.drop(doc, out)
             else:
                 yield out
+
+
+def batched(docs: Iterable[Document], size: int) -> Iterator[list[Document]]:
+    """Consecutive lists of `size` documents (the last one shorter), pulled lazily."""
+    batch: list[Document] = []
+    for doc in docs:
+        batch.append(doc)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

@@ -26,6 +26,7 @@ import re
 import sys
 import unicodedata
 from collections import OrderedDict
+from collections.abc import Callable
 from itertools import chain
 
 import numpy as np
@@ -292,10 +293,11 @@ def split_words(text: str) -> list[str]:
 class TextView:
     """Lazily computed views of one text, shared by every filter that reads it."""
 
-    __slots__ = ("text", "_words", "_lengths", "_ids", "_vocab", "_ngrams")
+    __slots__ = ("text", "split", "_words", "_lengths", "_ids", "_vocab", "_ngrams")
 
-    def __init__(self, text: str) -> None:
+    def __init__(self, text: str, split: Callable[[str], list[str]] = split_words) -> None:
         self.text = text
+        self.split = split  # the word split: English by default, another language's (filters/words.py)
         self._words: list[str] | None = None
         self._lengths: np.ndarray | None = None
         self._ids: np.ndarray | None = None
@@ -305,7 +307,7 @@ class TextView:
     @property
     def words(self) -> list[str]:
         if self._words is None:
-            self._words = split_words(self.text)
+            self._words = self.split(self.text)
         return self._words
 
     @property
@@ -334,16 +336,18 @@ class TextView:
         return self._vocab
 
 
-_VIEWS: OrderedDict[str, TextView] = OrderedDict()
+_VIEWS: OrderedDict[tuple[str, Callable[[str], list[str]]], TextView] = OrderedDict()
 _VIEWS_MAX = 4
 
 
-def view(text: str) -> TextView:
-    """The shared `TextView` of `text`: a few most recent texts are kept (one pipeline, one doc)."""
-    v = _VIEWS.get(text)
+def view(text: str, split: Callable[[str], list[str]] = split_words) -> TextView:
+    """The shared `TextView` of `text` split by `split`: a few most recent are kept (one pipeline,
+    one doc)."""
+    key = (text, split)
+    v = _VIEWS.get(key)
     if v is None:
-        v = TextView(text)
-        _VIEWS[text] = v
+        v = TextView(text, split)
+        _VIEWS[key] = v
         if len(_VIEWS) > _VIEWS_MAX:
             _VIEWS.popitem(last=False)
     return v

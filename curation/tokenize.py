@@ -24,6 +24,7 @@ import gzip
 import hashlib
 import itertools
 import json
+import logging
 import os
 import shutil
 import struct
@@ -42,6 +43,8 @@ from curation.corpus import curated_files
 from curation.executor import Executor, LocalExecutor
 from curation.tokenizer import TextTokenizer, load_tokenizer
 from curation.writer import atomic_write_text, clean_tmp, tmp_path
+
+log = logging.getLogger(__name__)
 
 MANIFEST_FORMAT = "refinery.tokens/1"
 CORPUS_SUFFIXES = (".parquet", ".jsonl.gz", ".json.gz", ".jsonl")
@@ -221,9 +224,14 @@ def tokenize_shard(task: dict[str, Any]) -> dict[str, Any]:
         if record is not None:
             return {**record, "status": "resumed"}
     try:
-        return _tokenize_input(task, root, marker)
+        result = _tokenize_input(task, root, marker)
     except Exception as e:  # a corrupt input must not crash the whole job; it is reported
+        log.warning("tokenize: %s failed (%s: %s); the manifest is marked incomplete", task["rel"],
+                    type(e).__name__, e)
         return {"input": task["rel"], "status": "failed", "error": f"{type(e).__name__}: {e}"}
+    log.info("tokenize: %s: %d tokens in %d shard(s)", task["rel"], sum(s["tokens"] for s in result["shards"]),
+             len(result["shards"]))
+    return result
 
 
 def _tokenize_input(task: dict[str, Any], root: Path, marker: Path) -> dict[str, Any]:
@@ -390,6 +398,8 @@ def tokenize_corpus(
     atomic_write_text(manifest_path, json.dumps(manifest, indent=1) + "\n")
     seconds = time.perf_counter() - t0
     new_tokens = sum(s["tokens"] for r in results if r["status"] == "done" for s in r["shards"])
+    log.info("tokenize: %d tokens from %d inputs (%d resumed, %d failed) in %.1f s", manifest["total_tokens"],
+             len(results), sum(r["status"] == "resumed" for r in results), len(failed), seconds)
     return {
         "manifest": str(manifest_path),
         "total_tokens": manifest["total_tokens"],

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import os
+import time
 from collections.abc import Iterable, Iterator
 from functools import cached_property
 from pathlib import Path
@@ -26,6 +28,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 
 from curation.corpus import curated_files
 from curation.writer import atomic_write_text, tmp_path
+
+log = logging.getLogger(__name__)
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
@@ -141,7 +145,11 @@ def train_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
+    log.info("tokenizer: training a %d-token BPE on %d file(s)%s", vocab_size, len(files),
+             f", the first {max_chars:,} characters" if max_chars else "")
+    t0 = time.perf_counter()
     tok.train_from_iterator(_iter_corpus(files, max_chars), trainer=trainer)
+    log.info("tokenizer: trained in %.1f s", time.perf_counter() - t0)
     for i, name in enumerate(SPECIAL_TOKENS):
         assert tok.token_to_id(name) == i, f"special token {name} did not get id {i}"
 

@@ -35,7 +35,8 @@ def raw_curation_config(ctx: StageContext) -> dict[str, Any]:
 
     base = curation_config(ctx)
     extract = [s for s in base["steps"] if "extract" in s]
-    return {**base, "name": f"{base['name']}-raw", "steps": extract or [{"extract": {}}], "dedup": []}
+    return {**base, "name": f"{base['name']}-raw", "steps": extract or [{"extract": {}}], "dedup": [],
+            "after_dedup": []}
 
 
 def _tokenize(corpus: Path, tokenizer: Path, out: Path) -> dict[str, Any]:

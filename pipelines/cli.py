@@ -22,7 +22,8 @@ def _add_executor(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="refinery", description=__doc__)
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, and log warnings only")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages too")
     parser.add_argument("--debug", action="store_true",
                         help="show the full traceback of an error instead of one line")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -36,6 +37,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="replace what an earlier run wrote in --output (documents/, stats.json, report, "
                         "_work/) instead of refusing another config or inputs; other files stay")
+    p.add_argument("--keep-rejected", action="store_true",
+                   help="also write every dropped document, with its step, reason and scores, to "
+                        "OUTPUT/rejected/ (a run is resumed with the same choice)")
+    _add_executor(p)
+
+    p = sub.add_parser("refilter", help="new thresholds on a curated corpus's stored scores → a new corpus")
+    p.add_argument("corpus", help="a finished `refinery curate` (or refilter) output directory; never modified")
+    p.add_argument("config", help="the corpus's config with new thresholds (steps, order and models unchanged)")
+    p.add_argument("--output", "-o", required=True, help="the new corpus directory (new or empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace --output when it already holds a corpus")
+    p.add_argument("--keep-rejected", action="store_true",
+                   help="also write what the new thresholds drop to OUTPUT/rejected/ (to refilter it again)")
     _add_executor(p)
 
     tok = sub.add_parser("tokenizer", help="tokenizer utilities")
@@ -133,8 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    # Default INFO: one line per finished shard; -q keeps warnings (read errors), -v adds debug.
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     progress = not args.quiet
     try:
         return _dispatch(args, progress)
@@ -269,13 +284,31 @@ def _dispatch(args: argparse.Namespace, progress: bool) -> int:
         check_extract_for_inputs(CurationConfig.load(args.config), args.input)
         stats = curate(args.config, args.input, args.output, executor=args.executor,
                        ray_address=args.ray_address, output_format=args.format, progress=progress,
-                       overwrite=args.overwrite)
+                       overwrite=args.overwrite, keep_rejected=args.keep_rejected)
         print(f"{stats['documents_read']:,} documents read, {stats['documents_written']:,} written to "
               f"{args.output} in {stats['wall_seconds']} s; report: {Path(args.output) / 'report.md'}")
+        if "rejected_files" in stats:
+            print(f"{sum(f['documents'] for f in stats['rejected_files']):,} dropped documents kept in "
+                  f"{Path(args.output) / 'rejected'}")
         lines, code = curate_verdict(stats, Path(args.output) / "report.md")
         for line in lines:
             print(line, file=sys.stderr)
         return code
+    if args.command == "refilter":
+        from curation.refilter import refilter
+
+        stats = refilter(args.corpus, args.config, args.output, executor=args.executor,
+                         ray_address=args.ray_address, progress=progress, overwrite=args.overwrite,
+                         keep_rejected=args.keep_rejected)
+        f = stats["refilter"]
+        print(f"{stats['documents_read']:,} documents decided again, {stats['documents_written']:,} kept "
+              f"({f['newly_kept']:,} newly kept, {f['newly_dropped']:,} newly dropped), written to {args.output} "
+              f"in {stats['wall_seconds']} s; report: {Path(args.output) / 'report.md'}")
+        if not stats["documents_written"]:
+            print(f"refinery: error: the new thresholds keep no documents; see {Path(args.output) / 'report.md'}",
+                  file=sys.stderr)
+            return 1
+        return 0
     if args.command == "tokenizer":
         from curation.tokenizer import train_tokenizer
 

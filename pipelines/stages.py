@@ -105,7 +105,8 @@ def resolve_inputs(ctx: StageContext) -> list[str]:
 
 def curation_config(ctx: StageContext) -> dict[str, Any]:
     """The curate section's config (a path beside the run config, or inline) with a classify step
-    that tags every document with the classify stage's models, before dedup."""
+    that tags every document with the classify stage's models, after dedup: the tagger only sees
+    the documents that survive."""
     from curation.config import CurationConfig
 
     given = ctx.cfg.section("curate").get("config", "web.yaml")
@@ -115,9 +116,10 @@ def curation_config(ctx: StageContext) -> dict[str, Any]:
         base = CurationConfig.load(ctx.cfg.resolve(given)).to_dict()
     classify_dir = ctx.out / "classify"
     steps = [s for s in base["steps"] if "classify" not in s]
-    steps.append({"classify": {"quality_model": str(classify_dir / "quality"),
+    after = [s for s in base.get("after_dedup", []) if "classify" not in s]
+    after.append({"classify": {"quality_model": str(classify_dir / "quality"),
                                "topic_model": str(classify_dir / "topic")}})
-    return {**base, "steps": steps}
+    return {**base, "steps": steps, "after_dedup": after}
 
 
 def run_curate(ctx: StageContext) -> dict[str, Any]:

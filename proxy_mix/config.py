@@ -99,6 +99,9 @@ class FitSection:
 
     targets: list[str] | None = None  # the objective: mean bits per byte over these (None: all targets)
     model: Literal["auto", "lightgbm", "loglinear", "linear"] = "auto"  # auto: best k-fold Spearman
+    # per_target: one regressor per target, the objective their mean (fit.TargetMean); direct: one
+    # regressor on the mean itself (ranks worse: a sum of per-target laws is not one law)
+    combine: Literal["per_target", "direct"] = "per_target"
     folds: int = 5
     candidates: int = 100_000  # sampled mixtures scored by the fitted model
     top_k: int = 100  # the searched mixture is the average of the best top_k candidates (RegMix)

@@ -12,6 +12,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test that reaches ../shared/data (through the `shared_data` fixture, directly or via another
+    fixture) is marked `integration` here, so the mark cannot drift from what a test reads."""
+    for item in items:
+        if "shared_data" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.integration)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """../shared/data, read-only. Under CI=true its absence is a failure, never a skip."""

@@ -5,6 +5,7 @@ evaluation set (../shared/data/extraction/evaldata.json)."""
 from __future__ import annotations
 
 import json
+import logging
 import re
 import signal
 import threading
@@ -151,10 +152,14 @@ def _run_with_slow_page(timeout_s: float = 0.5) -> Extract:
     return step
 
 
-def test_slow_page_times_out_in_the_main_thread_and_the_next_page_is_extracted() -> None:
+def test_slow_page_times_out_in_the_main_thread_and_the_next_page_is_extracted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     assert threading.current_thread() is threading.main_thread()
-    step = _run_with_slow_page()
+    with caplog.at_level(logging.WARNING, logger="curation.extract"):
+        step = _run_with_slow_page()
     assert step.stats.dropped["extract.timeout"] == 1 and step.stats.errors["extract.timeout"] == 1
+    assert [r.getMessage() for r in caplog.records if "extract.timeout" in r.getMessage()], caplog.text
 
 
 def test_slow_page_times_out_in_a_worker_thread_too() -> None:

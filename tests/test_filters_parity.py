@@ -5,10 +5,10 @@ Internet Archive pages, OSCAR, the Pile, RedPajama) and ../shared/data/text (Wik
 Gutenberg and Shakespeare excerpts, the CS336 high / low quality samples), ~1,560 documents of at
 most 3,000 characters (the cap keeps datatrove's spaCy tokenizer inside the time budget).
 
-Each filter must agree on >= 98% of documents. Measured on this set (1,524 documents, 4,325
-URLs): C4, FineWeb and the URL filter agree on all; Gopher quality and Gopher repetition on all
-but one each (99.93%). Both differences come from the word tokenizer (ours reproduces spaCy's
-English rules as regular expressions, see curation/text_stats.py):
+Measured on this set (1,524 documents, 4,325 URLs): C4, FineWeb and the URL filter agree on all;
+Gopher quality and Gopher repetition on all but one each (99.93%). Each test allows exactly the
+differences listed here (KNOWN_DIFFERENCES), so a new one fails. Both come from the word tokenizer
+(ours reproduces spaCy's English rules as regular expressions, see curation/text_stats.py):
 
 - gopher_quality, pile_toy_sample:434 (a Stack Overflow post with C# code): spaCy's special-case
   matcher keeps "p." whole inside "p.Id" / "p.Name" and glues ")" + ":" into "):"; we emit
@@ -52,7 +52,13 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:The 'registered_domain' property is deprecated:DeprecationWarning"),
 ]
 
-MIN_AGREEMENT = 0.98
+# The documents each filter may decide differently from datatrove, explained in the docstring.
+KNOWN_DIFFERENCES: dict[str, set[str]] = {
+    "gopher_quality": {"pile_toy_sample/toy_pile_data.jsonl:434"},
+    "gopher_repetition": {"dolma_cc_fixtures/CC-MAIN-20190717121559-20190717143559-00140.jsonl.gz:391"},
+    "fineweb": set(),
+    "c4": set(),
+}
 MAX_CHARS = 3_000
 
 
@@ -195,32 +201,33 @@ def disagreements(corpus: list[tuple[str, str, str | None]]) -> dict[str, list[t
     return out
 
 
-def _rate(name: str, found: dict[str, list[tuple]], corpus: list) -> float:
+def _unexplained(name: str, found: dict[str, list[tuple]], corpus: list) -> set[str]:
+    """The documents `name` decides differently from datatrove beyond its known differences."""
     rows = found[name]
     rate = 1 - len(rows) / len(corpus)
     print(f"\n{name}: {rate:.2%} agreement on {len(corpus)} documents, {len(rows)} differ")
     for doc_id, res, ours_decision, attrs, head in rows:
         print(f"  {doc_id}: datatrove={res} ours={ours_decision} {attrs} {head!r}")
-    return rate
+    return {row[0] for row in rows} - KNOWN_DIFFERENCES[name]
 
 
 def test_gopher_quality_matches_datatrove(corpus: list, disagreements: dict[str, list[tuple]]) -> None:
     assert len(corpus) >= 1500
-    assert _rate("gopher_quality", disagreements, corpus) >= MIN_AGREEMENT
+    assert _unexplained("gopher_quality", disagreements, corpus) == set()
 
 
 def test_gopher_repetition_matches_datatrove(corpus: list, disagreements: dict[str, list[tuple]]) -> None:
-    assert _rate("gopher_repetition", disagreements, corpus) >= MIN_AGREEMENT
+    assert _unexplained("gopher_repetition", disagreements, corpus) == set()
 
 
 def test_fineweb_matches_datatrove(corpus: list, disagreements: dict[str, list[tuple]]) -> None:
-    assert _rate("fineweb", disagreements, corpus) >= MIN_AGREEMENT
+    assert _unexplained("fineweb", disagreements, corpus) == set()
 
 
 def test_c4_matches_datatrove_decisions_and_kept_text(
     corpus: list, disagreements: dict[str, list[tuple]]
 ) -> None:
-    assert _rate("c4", disagreements, corpus) >= MIN_AGREEMENT
+    assert _unexplained("c4", disagreements, corpus) == set()
 
 
 def test_url_filter_matches_datatrove(
@@ -268,5 +275,5 @@ def test_url_filter_matches_datatrove(
     for d in other:
         print("  ", d)
     assert len(urls) >= 1500
-    assert rate >= MIN_AGREEMENT
+    assert other == []
     assert all(d[2] == "url.url" for d in scheme_probes)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import logging
 import random
 import re
 import zlib
@@ -111,13 +112,20 @@ ALL = [f"http://a.example/{i}" for i in range(1, 6)]
 
 
 @pytest.mark.parametrize("layout", ["plain", "gzip_per_record"])
-def test_junk_between_records_is_skipped_and_counted(tmp_path: Path, layout: str) -> None:
+def test_junk_between_records_is_skipped_and_counted(tmp_path: Path, layout: str,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
     records = _records()
     junk = b"\x00garbage that is not a record\r\n\r\n" * 3
     head = _file(records[:3], layout)
     path = tmp_path / ("j.warc" if layout == "plain" else "j.warc.gz")
     path.write_bytes(head + junk + _file(records[3:], layout))
-    urls, reader = _urls(path)
+    with caplog.at_level(logging.INFO, logger="curation.read.warc"):
+        urls, reader = _urls(path)
+    # The damage and the resync are logged, naming the file and both offsets.
+    logged = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert (logging.WARNING, f"{path}: damaged at offset {len(head)}") in [(lv, m.split(" (")[0]) for lv, m in logged]
+    assert (logging.INFO, f"{path}: resumed reading at offset {len(head) + len(junk)} "
+            f"({len(junk)} damaged bytes skipped)") in logged
     assert urls == ALL
     assert reader.stats.errors == Counter({"read.malformed": 1})
     c = reader.stats.counters

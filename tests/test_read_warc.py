@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import io
 import re
+import sys
 import zlib
 from collections import Counter
 from pathlib import Path
@@ -374,3 +375,25 @@ def test_brotli_payload_over_the_limit_is_skipped(tmp_path: Path) -> None:
     reader = WarcReader(max_payload_bytes=10_000)
     assert list(reader.read(str(path))) == []
     assert reader.stats.counters["skipped.bad_encoding"] == 1
+
+
+def test_missing_brotli_is_a_setup_error_not_bad_encoding(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the brotli module the reader refuses to start, naming what to install; it never
+    counts `br` pages as `skipped.bad_encoding`, not even when the module goes missing after start."""
+    import brotli
+
+    from curation.read.inputs import MissingBackend
+    from curation.read.warc import decode_http_payload
+
+    path = tmp_path / "br.warc"
+    path.write_bytes(_build([("response", "http://a.example/br", brotli.compress(HTML), "200 OK",
+                              [("Content-Type", "text/html"), ("Content-Encoding", "br")])], False))
+    reader = WarcReader()
+    monkeypatch.setitem(sys.modules, "brotli", None)  # `import brotli` now raises ImportError
+    with pytest.raises(MissingBackend, match="pip install brotli"):
+        WarcReader()
+    with pytest.raises(ImportError):
+        decode_http_payload(brotli.compress(HTML), None, "br", 10_000)
+    # A reader built before the module vanished: the file ends as `read.error` (not data damage).
+    assert list(reader.read(str(path))) == []
+    assert reader.stats.counters["skipped.bad_encoding"] == 0 and reader.stats.errors == {"read.error": 1}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -74,11 +75,24 @@ def test_mapper_drops_empty_results_with_a_reason() -> None:
     assert m.stats.dropped == {"upper.empty": 1}
 
 
+class Sleepy(Filter):
+    name = "sleepy"
+
+    def annotate(self, doc: Document) -> None:
+        time.sleep(0.02)
+
+    def reject(self, doc: Document) -> str | None:
+        return None if doc.text else "sleepy.empty"
+
+
 def test_chained_steps_time_only_their_own_work() -> None:
-    a, b = ShortFilter(1), Upper()
-    list(b(a(_docs(50))))
-    assert a.stats.docs_out == b.stats.docs_in == 49
-    assert a.stats.seconds >= 0 and b.stats.seconds >= 0
+    """The slow upstream step is charged its sleep; the fast step pulling from it is not."""
+    a, b = Sleepy(), Upper()
+    list(b(a(_docs(25))))
+    assert a.stats.docs_out == b.stats.docs_in == 24
+    slept = 25 * 0.02
+    assert a.stats.seconds >= slept
+    assert b.stats.seconds < slept / 2, b.stats.seconds
 
 
 def test_stats_round_trip_and_merge() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -166,7 +167,8 @@ def test_truncated_finished_shard_is_redone_on_rerun(corpus, tokenizer, tmp_path
     assert (out / "c4" / "q0" / "part-0.npy").read_bytes() == good
 
 
-def test_corrupt_input_is_reported_and_the_rest_tokenized(corpus, tokenizer, tmp_path: Path) -> None:
+def test_corrupt_input_is_reported_and_the_rest_tokenized(corpus, tokenizer, tmp_path: Path,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
     root, texts = corpus
     bad_corpus = tmp_path / "corpus"
     bad_corpus.mkdir()
@@ -174,8 +176,12 @@ def test_corrupt_input_is_reported_and_the_rest_tokenized(corpus, tokenizer, tmp
     (bad_corpus / "broken.parquet").write_bytes(b"PAR1 this is not parquet")
     with gzip.open(bad_corpus / "lines.jsonl.gz", "wt") as f:
         f.write('{"id": "1", "text": "fine"}\n{not json\n{"id": "3"}\n')
-    summary = tokenize_corpus(bad_corpus, tokenizer, tmp_path / "out", executor=LocalExecutor(progress=False))
+    with caplog.at_level(logging.INFO, logger="curation.tokenize"):
+        summary = tokenize_corpus(bad_corpus, tokenizer, tmp_path / "out", executor=LocalExecutor(progress=False))
     assert [f["input"] for f in summary["failed"]] == ["broken.parquet"]
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and warned[0].startswith("tokenize: broken.parquet failed"), warned
+    assert any("3 inputs (0 resumed, 1 failed)" in r.getMessage() for r in caplog.records), caplog.text
     m = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert m["total_documents"] == 80 + 1
     assert m["skipped_documents"] == {"bad_json": 1, "empty_text": 1}

@@ -10,16 +10,22 @@ not end in terminal punctuation (or ends in "..."), has fewer than 3 words, ment
 Line rules edit the text, so they run in `annotate`; the page decisions are made in `reject`
 from the attributes (`c4.sentences`, `c4.lorem_ipsum`, `c4.curly_bracket`). Line removals are
 counted per rule in `stats.counters` (`c4.line_<rule>`).
+
+The rules are English ones (terminal punctuation, "javascript", cookie phrases); FineWeb-2 applies
+none of them to other languages, which a config says with `languages: [en]` (other languages pass
+with their text untouched). `per_language` adapts them instead (`per_language.py`).
 """
 
 from __future__ import annotations
 
 import re
 import unicodedata
-from collections.abc import Iterable
-from typing import ClassVar
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, ClassVar
 
 from curation.document import Document
+from curation.filters.per_language import PerLanguage
+from curation.filters.words import word_splitter
 from curation.step import Filter
 from curation.text_stats import TERMINAL_PUNCTUATION, split_words
 
@@ -36,13 +42,13 @@ POLICY_SUBSTRINGS = (
 )
 
 
-def count_sentences(line: str) -> int:
+def count_sentences(line: str, split: Callable[[str], list[str]] = split_words) -> int:
     """Sentences in a line as spaCy's rule-based sentencizer cuts them (what datatrove counts).
 
     A new sentence starts at the first word that is not punctuation after a sentence-ending
     mark; the line's first word always starts one.
     """
-    words = split_words(line)
+    words = split(line)
     if not words:
         return 0
     n = 1
@@ -69,7 +75,7 @@ def _is_punct(word: str) -> bool:
     return p
 
 
-class C4Filter(Filter):
+class C4Filter(PerLanguage, Filter):
     name: ClassVar[str] = "c4"
 
     def __init__(
@@ -84,6 +90,8 @@ class C4Filter(Filter):
         filter_curly_bracket: bool = True,  # C4 paper: drop pages with "{" (code)
         filter_policy: bool = True,  # C4 code: drop cookie / terms-of-use lines
         policy_substrings: Iterable[str] = POLICY_SUBSTRINGS,
+        languages: Sequence[str] | None = None,  # judge only these `lid.lang`s (None: all)
+        per_language: Mapping[str, Any] | None = None,  # {lang: {param: value}}
     ) -> None:
         super().__init__()
         self.remove_citations = remove_citations
@@ -96,11 +104,15 @@ class C4Filter(Filter):
         self.filter_curly_bracket = filter_curly_bracket
         self.filter_policy = filter_policy
         self.policy_substrings = tuple(policy_substrings)
-        self._cleaned = ""  # the current page's kept lines, between annotate and on_keep
+        # The current page's kept lines, between annotate and on_keep (None: a page not judged).
+        self._cleaned: str | None = None
+        self.init_languages(languages, per_language)
 
     def clean(self, doc: Document) -> str:
-        """Apply the line rules: write the page attributes, count removals, return the kept text."""
+        """Apply the line rules: write the page attributes, count removals, return the kept text.
+        Runs on the instance holding the page's settings; counts go to the filter's own stats."""
         counters = self.stats.counters
+        split = word_splitter(self.lang)
         kept: list[str] = []
         sentences = 0
         lorem = curly = 0
@@ -138,7 +150,7 @@ class C4Filter(Filter):
                 removed += 1
                 continue
             if self.min_num_sentences != -1:
-                sentences += count_sentences(line)
+                sentences += count_sentences(line, split)
             kept.append(line)
         counters["c4.line_kept"] += len(kept)
         a = doc.attributes
@@ -151,17 +163,22 @@ class C4Filter(Filter):
 
     def annotate(self, doc: Document) -> None:
         """Scores, and the kept lines, which replace the text if the page is kept (`on_keep`)."""
-        self._cleaned = self.clean(doc)
+        t = self.settings(doc, count=True)
+        self._cleaned = None if t is None else t.clean(doc)
 
     def on_keep(self, doc: Document) -> None:
-        doc.text = self._cleaned
+        if self._cleaned is not None:
+            doc.text = self._cleaned
 
     def reject(self, doc: Document) -> str | None:
+        t = self.settings(doc)
+        if t is None:
+            return None
         a = doc.attributes
         if a["c4.lorem_ipsum"]:
             return "c4.lorem_ipsum"
         if a["c4.curly_bracket"]:
             return "c4.curly_bracket"
-        if a["c4.sentences"] < self.min_num_sentences:
+        if a["c4.sentences"] < t.min_num_sentences:
             return "c4.too_few_sentences"
         return None

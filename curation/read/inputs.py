@@ -19,6 +19,7 @@ import shutil
 import tempfile
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -65,7 +66,8 @@ def is_listing(path: str) -> bool:
 
 
 def expand_inputs(patterns: list[str], cache_dir: str | Path | None = None,
-                  allow_local_in_listings: bool = False) -> list[str]:
+                  allow_local_in_listings: bool = False,
+                  files_in: Callable[[str], list[str]] | None = None) -> list[str]:
     """Expand paths, directories, globs, listings and URLs into archive paths, in order, once each.
 
     Local paths come back absolute with symlinks resolved, so Ray workers with another working
@@ -74,6 +76,9 @@ def expand_inputs(patterns: list[str], cache_dir: str | Path | None = None,
     corpus); a listing is read (downloaded first if remote) and each line becomes a URL. Listing
     lines naming local files are refused unless `allow_local_in_listings` (see `read_listing`).
     Every remote URL's protocol is checked up front, so a missing backend fails here, once.
+    `files_in(directory)` says what a directory holds for the reader in use (a corpus's document
+    files, a dataset's Arrow files; see `curation.read.base.Reader.files_in`); by default its web
+    archives.
     """
     if isinstance(patterns, str):
         patterns = [patterns]
@@ -88,7 +93,7 @@ def expand_inputs(patterns: list[str], cache_dir: str | Path | None = None,
             out.append(p)
 
     for pattern in patterns:
-        for path in _expand_one(str(pattern)):
+        for path in _expand_one(str(pattern), files_in):
             if is_listing(path):
                 for url in read_listing(path, cache_dir, allow_local=allow_local_in_listings):
                     add(url)
@@ -97,7 +102,7 @@ def expand_inputs(patterns: list[str], cache_dir: str | Path | None = None,
     return out
 
 
-def _expand_one(pattern: str) -> list[str]:
+def _expand_one(pattern: str, files_in: Callable[[str], list[str]] | None = None) -> list[str]:
     if is_remote(pattern):
         return [pattern]
     expanded = os.path.expanduser(pattern)
@@ -107,13 +112,15 @@ def _expand_one(pattern: str) -> list[str]:
             raise FileNotFoundError(f"input pattern matched no files: {pattern!r}")
         return matches
     if os.path.isdir(expanded):
-        return _archives_in(expanded, pattern)
+        if files_in is not None:
+            return [os.path.realpath(p) for p in files_in(expanded)]
+        return archives_in(expanded, pattern)
     if not os.path.isfile(expanded):
         raise FileNotFoundError(f"input file not found: {pattern!r}")
     return [os.path.realpath(expanded)]
 
 
-def _archives_in(directory: str, pattern: str) -> list[str]:
+def archives_in(directory: str, pattern: str) -> list[str]:
     """The archives under `directory`, recursively, sorted by path."""
     found = sorted(
         os.path.join(root, name)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import codecs
 import hashlib
 import io
+import logging
 import os
 import time
 import zlib
@@ -35,11 +36,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 from curation.document import Document
+from curation.read.base import Reader
 from curation.read.control_chars import strip_control_chars
-from curation.read.inputs import MissingBackend, open_input
+from curation.read.inputs import DIRECTORY_SUFFIXES, MissingBackend, archives_in, open_input
 from curation.read.layout import Layout, open_layout
 from curation.step import StepStats
 
+log = logging.getLogger(__name__)
 HTML_CONTENT_TYPES = ("text/html", "application/xhtml+xml")
 _DRAIN_CHUNK = 1 << 16
 _INPUT_FAULTS = (OSError, EOFError, zlib.error, UnicodeError)
@@ -54,7 +57,7 @@ class MalformedArchive(Exception):
         self.offset = offset
 
 
-class WarcReader:
+class WarcReader(Reader):
     """Yields one Document per usable record of a WARC / WET / ARC file.
 
     `read(path)` counts into `self.stats` (a `StepStats("read")`): `docs_out` (documents it
@@ -64,7 +67,7 @@ class WarcReader:
     `docs_in` stays 0: a reader has no upstream documents.
     """
 
-    name = "read"
+    suffixes = DIRECTORY_SUFFIXES
 
     def __init__(
         self,
@@ -76,18 +79,20 @@ class WarcReader:
         cache_dir: str | None = None,
         allow_local_in_listings: bool = False,
     ) -> None:
-        self.source = source
-        self.added = added
+        super().__init__(source=source, added=added, cache_dir=cache_dir)
         self.statuses = frozenset(int(s) for s in statuses)
         self.content_types = frozenset(c.lower() for c in content_types)
         # Larger payloads are skipped unread. Common Crawl cuts payloads at a few MiB itself
         # (marked WARC-Truncated), so 10 MB only bites on other crawls' videos and archives.
         self.max_payload_bytes = max_payload_bytes
-        self.cache_dir = cache_dir
         # Used where inputs are expanded (`expand_inputs`), before any reader runs; a parameter
         # here so that the config's `read:` section describes one object.
         self.allow_local_in_listings = allow_local_in_listings
-        self.stats = StepStats(self.name)
+        _require_brotli()
+
+    def files_in(self, directory: str) -> list[str]:
+        """The web archives under `directory` (a curation output holds none: it needs another reader)."""
+        return archives_in(directory, directory)
 
     # -- public -------------------------------------------------------------------------------
 
@@ -103,6 +108,7 @@ class WarcReader:
             raise  # a setup problem for every remote input, not a fault of this file
         except Exception as e:  # noqa: BLE001 - missing file, failed download: retried on a rerun
             stats.error("read.unavailable", file=str(path), message=f"{type(e).__name__}: {e}")
+            log.warning("%s: unavailable (%s: %s); a rerun retries it", path, type(e).__name__, e)
             return
         try:
             with raw_file as raw:
@@ -118,11 +124,14 @@ class WarcReader:
                     t0 = time.perf_counter()
         except MalformedArchive as e:
             stats.error("read.malformed", file=str(path), offset=e.offset, message=str(e))
+            log.warning("%s: malformed at offset %s, the rest of the file is skipped: %s", path, e.offset, e)
         except Exception as e:  # noqa: BLE001 - one bad file must not end the job
             # I/O, gzip and parser faults (OSError, EOFError, zlib.error, warcio's ArchiveLoadFailed)
             # are damaged input; anything else is counted apart so a bug does not pass as bad data.
             kind = "read.malformed" if isinstance(e, _INPUT_FAULTS) or type(e).__name__ in _PARSER_FAULTS else "read.error"
             stats.error(kind, file=str(path), offset=cursor.offset, message=f"{type(e).__name__}: {e}")
+            log.warning("%s: %s at offset %s, the rest of the file is skipped: %s: %s", path, kind, cursor.offset,
+                        type(e).__name__, e)
         stats.seconds += time.perf_counter() - t0
 
     # -- WARC / WET (FastWARC) ----------------------------------------------------------------
@@ -157,6 +166,8 @@ class WarcReader:
                     if damage is not None:
                         counters["read.resynced"] += 1
                         counters["read.bytes_skipped"] += current - damage.start
+                        log.info("%s: resumed reading at offset %d (%d damaged bytes skipped)", path, current,
+                                 current - damage.start)
                         damage.resumed_at(current)
                         damage = None
                     counters["records"] += 1
@@ -204,6 +215,7 @@ class WarcReader:
         samples = self.stats.samples
         n = len(samples)
         self.stats.error("read.malformed", file=path, offset=offset, message=message)
+        log.warning("%s: damaged at offset %d (%s); looking for the next record", path, offset, message)
         return _Damage(offset, samples[-1] if len(samples) > n else None)
 
     def _record(self, rec: Any, fname: str) -> Document | None:
@@ -338,7 +350,7 @@ class WarcReader:
     def _decode_body(self, body: bytes, transfer: str | None, content: str | None) -> bytes | None:
         try:
             return decode_http_payload(body, transfer, content, self.max_payload_bytes)
-        except (ValueError, zlib.error, OSError, ImportError) as e:
+        except (ValueError, zlib.error, OSError) as e:  # never ImportError: see _require_brotli
             self.stats.counters["skipped.bad_encoding"] += 1
             if len(self.stats.samples) < StepStats.MAX_SAMPLES:
                 self.stats.samples.append({"kind": "read.bad_encoding", "message": str(e)})
@@ -487,6 +499,16 @@ def _inflate(data: bytes, wbits: int, limit: int) -> bytes:
     if len(out) > limit:
         raise ValueError(f"decoded payload exceeds {limit} bytes")
     return out
+
+
+def _require_brotli() -> None:
+    """A missing brotli module is a broken install, not bad data: fail before reading anything
+    rather than count every `Content-Encoding: br` page as `skipped.bad_encoding`."""
+    try:
+        import brotli  # type: ignore[import-not-found]  # noqa: F401
+    except ImportError:
+        raise MissingBackend("the WARC reader needs the brotli module to decode 'Content-Encoding: br' "
+                             "payloads (it comes with fastwarc); install it: pip install brotli") from None
 
 
 def _unbrotli(data: bytes, limit: int) -> bytes:
