@@ -12,7 +12,6 @@ from typing import Any
 
 import yaml
 
-from curation.param_types import param_error, param_hints
 from curation.partition import check_partitioning
 from curation.registry import (
     DEDUP_STEPS,
@@ -24,13 +23,13 @@ from curation.registry import (
     check_params,
     check_resources,
     is_known,
-    resolve,
 )
+from curation.writer import FORMAT_SUFFIXES
 
 TOP_KEYS = ("name", "source", "read", "reader", "steps", "dedup", "after_dedup", "output")
 READ_KEYS = ("statuses", "content_types", "max_payload_bytes", "cache_dir", "allow_local_in_listings")
 OUTPUT_KEYS = ("format", "partition_by", "buckets")
-FORMATS = ("parquet", "dolma")
+FORMATS = tuple(FORMAT_SUFFIXES)
 
 
 @dataclass
@@ -227,13 +226,8 @@ def validate_buildable(cfg: CurationConfig) -> None:
     """Import every step class and check its parameters' names and types now, before any work
     starts: a mistyped value must not surface as a TypeError mid-run or as every document
     dropped with an error."""
-    hints = param_hints(resolve(cfg.reader.name, READERS))
-    label = "read" if cfg.reader.name == "warc" else f"reader `{cfg.reader.name}`"
-    for key, value in cfg.read.items():
-        problem = param_error(value, hints[key]) if key in hints else None
-        if problem:
-            raise ConfigError(f"{label}: parameter `{key}` {problem}")
-    check_params(cfg.reader.name, cfg.reader.params, READERS)
+    check_params(cfg.reader.name, cfg.reader.params, READERS,
+                 label="read" if cfg.reader.name == "warc" else f"reader `{cfg.reader.name}`")
     seen_language = False
     for spec in (*cfg.steps, *cfg.after_dedup):
         check_params(spec.name, spec.params, DOC_STEPS)

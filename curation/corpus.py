@@ -14,7 +14,9 @@ plain files by the caller.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 WORK_DIR = "_work"
 RUN_FILE = "run.json"
@@ -64,23 +66,33 @@ def curated_files(path: str | Path, suffixes: tuple[str, ...]) -> list[Path] | N
     root = curation_root(path)
     if root is None:
         return None
-    stats = root / STATS_FILE
-    if not stats.is_file():
+    stats_file = root / STATS_FILE
+    if not stats_file.is_file():
         raise CorpusError(f"the curation run in {root} has not finished (no {STATS_FILE}); rerun the same "
                           "`refinery curate` command to finish it before reading the corpus")
-    listed = json.loads(stats.read_text()).get("files")
-    if listed is None:
-        raise CorpusError(f"{stats} does not list the corpus files (written by an older refinery); rerun "
+    stats = json.loads(stats_file.read_text())
+    if stats.get("files") is None:
+        raise CorpusError(f"{stats_file} does not list the corpus files (written by an older refinery); rerun "
                           "the same `refinery curate` command to refresh it")
     given = Path(path)
     resolved = given.resolve()
-    files = []
-    for entry in listed:
-        full = root / entry["path"]
-        if resolved not in full.parents or not full.name.endswith(suffixes):
+    wanted = listed_files(root, stats, "files",
+                          lambda full: resolved in full.parents and full.name.endswith(suffixes))
+    return sorted(given / (root / rel).relative_to(resolved) for rel in wanted)
+
+
+def listed_files(root: Path, stats: dict[str, Any], key: str = "files",
+                 wanted: Callable[[Path], bool] | None = None) -> list[str]:
+    """The paths, relative to `root`, that its stats.json (`stats`) lists under `key` (`files`: the
+    corpus; `rejected_files`: its kept rejects) and `wanted` accepts; each must exist."""
+    paths = []
+    for entry in stats.get(key) or []:
+        rel = entry["path"]
+        full = root / rel
+        if wanted is not None and not wanted(full):
             continue
         if not full.is_file():
-            raise CorpusError(f"{full} is listed in {stats} but missing: the corpus was changed after the "
-                              "run; rerun `refinery curate` (with --overwrite to start over)")
-        files.append(given / full.relative_to(resolved))
-    return sorted(files)
+            raise CorpusError(f"{full} is listed in {root / STATS_FILE} but missing: the corpus was changed after "
+                              "its run; rerun `refinery curate` (with --overwrite to start over)")
+        paths.append(rel)
+    return paths

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 # Dolma's document fields; `metadata` keeps url, warc_date, warc_record_id, lang, ... and, on
 # write, every attribute (score) a tagger computed, so later stages can re-threshold for free.
 DOLMA_FIELDS = ("id", "text", "source", "added", "created", "metadata")
@@ -41,7 +43,9 @@ class Document:
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Document:
-        meta = dict(row.get("metadata") or {})
+        """The Document a stored row (a Dolma line, a Parquet row) was written from: the scores in
+        `metadata["attributes"]` become attributes again."""
+        meta = parse_metadata(row.get("metadata"))
         attrs = meta.pop("attributes", None) or {}
         return cls(
             id=row["id"],
@@ -52,3 +56,15 @@ class Document:
             metadata=meta,
             attributes=dict(attrs),
         )
+
+
+def parse_metadata(value: Any) -> dict[str, Any]:
+    """A row's `metadata` as a new dict: an object (Dolma), the JSON string our Parquet holds, or
+    nothing. Raises orjson.JSONDecodeError (a ValueError) for bad JSON, TypeError for a non-mapping."""
+    if isinstance(value, str | bytes):
+        value = orjson.loads(value) if value else None
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise TypeError(f"`metadata` is a {type(value).__name__}, not a mapping")
+    return dict(value)

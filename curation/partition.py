@@ -22,12 +22,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curation.writer import BASE_SCHEMA, tmp_path
+from curation.writer import BASE_SCHEMA, FORMAT_SUFFIXES, dolma_lines, tmp_path
 
 UNKNOWN = "unknown"
 # Keys read from the document itself rather than from its attributes.
@@ -125,14 +124,14 @@ class PartitionedWriter:
         self.root = root
         self.name = name
         self.parquet = fmt == "parquet"
-        self.ext = "parquet" if self.parquet else "jsonl.gz"
+        self.suffix = FORMAT_SUFFIXES[fmt]
         self.batch_rows = batch_rows
         self.counts: Counter[str] = Counter()
         self._sinks: dict[str, Any] = {}
         self._buffers: dict[str, list[pa.Table]] = {}
 
     def path(self, folder: str) -> Path:
-        return self.root / folder / f"{self.name}.{self.ext}"
+        return self.root / folder / f"{self.name}{self.suffix}"
 
     def write(self, folders: Sequence[str], table: pa.Table) -> None:
         """Append `table`'s rows, row i to `folders[i]`, keeping their order within each folder."""
@@ -168,10 +167,8 @@ class PartitionedWriter:
             self._sinks[folder] = sink
         if self.parquet:
             sink.write_table(table)
-        else:  # Dolma: one JSON object per line, metadata as a nested object
-            for row in table.to_pylist():
-                row["metadata"] = orjson.loads(row["metadata"]) if row.get("metadata") else {}
-                sink.write(orjson.dumps(row) + b"\n")
+        else:
+            sink.writelines(dolma_lines(table))
 
     def close(self) -> dict[str, int]:
         """Finish every file; returns {path relative to the root's parent: rows}."""

@@ -52,15 +52,17 @@ from curation.corpus import DOCUMENTS_DIR, RUN_FILE, STATS_FILE, WORK_DIR
 from curation.dedup.cluster import DROP_SCHEMA
 from curation.document import Document
 from curation.executor import Executor, make_executor
-from curation.partition import PartitionedWriter, Partitioner
+from curation.partition import PartitionedWriter, Partitioner, path_safe
 from curation.registry import DEDUP_STEPS, DOC_STEPS, ConfigError, build, build_reader, phase_resources
 from curation.rejected import REJECTED_DIR, RejectSink, mark_rejected, rejection
-from curation.step import Step, StepStats, batched
+from curation.step import Step, StepStats, batched, built_once
 from curation.writer import (
     BASE_SCHEMA,
-    _doc_columns,
     atomic_write_text,
     clean_tmp,
+    documents_table,
+    shard_name,
+    table_documents,
     write_parquet_docs,
     write_parquet_table,
 )
@@ -74,8 +76,8 @@ OWNED = (f"{WORK_DIR}/{RUN_FILE}", f"{WORK_DIR}/stage1", f"{WORK_DIR}/rejected1"
          f"{WORK_DIR}/final", DOCUMENTS_DIR, REJECTED_DIR, STATS_FILE, "report.md", "funnel.png")
 # Rows per table the write phase streams through (a shard is never read whole).
 WRITE_BATCH_ROWS = 2000
-# Names of the document (and rejected) files the write phase makes: `<shard key>.<ext>`.
-_DOCUMENT_NAME = re.compile(r"\d{5,}-[^/]*\.(parquet|jsonl\.gz)")
+# The shard keys (`shard_key`) the write phase names its document (and rejected) files after.
+_SHARD_KEY = re.compile(r"\d{5,}-[^/]*")
 
 
 class OutputConflictError(ConfigError):
@@ -118,31 +120,23 @@ def shard_key(index: int, path: str) -> str:
     name = Path(path.rstrip("/")).name
     for suffix in (".gz", ".zst", ".warc", ".arc", ".wet", ".wat", ".txt", ".jsonl", ".json", ".parquet", ".arrow"):
         name = name.removesuffix(suffix)
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-    return f"{index:05d}-{safe}"
+    return f"{index:05d}-{path_safe(name)}"
 
 
 # ---------------------------------------------------------------------------------------------
 # phase 1: per-shard steps
 
-_BUILT: dict[str, tuple[Any, list[Any], list[Any]]] = {}
+_BUILT: dict[str, list[Any]] = {}
 
 
 def _build_steps(ctx: RunContext) -> tuple[Any, list[Any], list[Any]]:
-    """Build the reader and steps once per process (models load once), fresh stats per shard."""
+    """The reader, steps and dedup steps, built once per process (models load once), fresh stats per shard."""
     cfg = CurationConfig.from_dict(ctx.config)
-    key = cfg.fingerprint() + ctx.added
-    if key not in _BUILT:
-        reader = build_reader(cfg.reader, cfg.source, ctx.added, download_cache(cfg, Path(ctx.work)))
-        steps = [build(s.name, s.params, DOC_STEPS) for s in cfg.steps]
-        dedups = [build(s.name, s.params, DEDUP_STEPS) for s in cfg.dedup]
-        _BUILT.clear()
-        _BUILT[key] = (reader, steps, dedups)
-    reader, steps, dedups = _BUILT[key]
-    reader.stats = StepStats(reader.name)
-    for s in steps:
-        s.stats = StepStats(s.name)
-    return reader, steps, dedups
+    built = built_once(_BUILT, cfg.fingerprint() + ctx.added, lambda: [
+        build_reader(cfg.reader, cfg.source, ctx.added, download_cache(cfg, Path(ctx.work))),
+        *(build(s.name, s.params, DOC_STEPS) for s in cfg.steps),
+        *(build(s.name, s.params, DEDUP_STEPS) for s in cfg.dedup)])
+    return built[0], built[1:1 + len(cfg.steps)], built[1 + len(cfg.steps):]
 
 
 def process_shard(ctx: RunContext, shard: Shard) -> dict[str, Any]:
@@ -399,6 +393,7 @@ def write_shard(ctx: RunContext, phase1: str, shard: Shard) -> dict[str, Any]:
                                                                            strict=True)], table)
         if sink is not None:
             sink.flush()
+            _check_rejects_complete(steps, sink)
         files = documents.close()
         rejected_files = rejects.close() if rejects is not None else {}
     except BaseException:
@@ -429,14 +424,8 @@ _AFTER_DEDUP: dict[str, list[Any]] = {}
 def _after_dedup_steps(ctx: RunContext) -> list[Any]:
     """The after_dedup steps, built once per process (models load once), fresh stats per shard."""
     cfg = CurationConfig.from_dict(ctx.config)
-    key = cfg.fingerprint() + ctx.added
-    if key not in _AFTER_DEDUP:
-        _AFTER_DEDUP.clear()
-        _AFTER_DEDUP[key] = [build(s.name, s.params, DOC_STEPS) for s in cfg.after_dedup]
-    steps = _AFTER_DEDUP[key]
-    for s in steps:
-        s.stats = StepStats(s.name)
-    return steps
+    return built_once(_AFTER_DEDUP, cfg.fingerprint() + ctx.added,
+                      lambda: [build(s.name, s.params, DOC_STEPS) for s in cfg.after_dedup])
 
 
 def _dedup_survivors(ctx: RunContext, cfg: CurationConfig, shard: Shard,
@@ -473,17 +462,11 @@ def _run_after_dedup(tables: Iterator[pa.Table], steps: list[Step]) -> Iterator[
         yield from tables
         return
 
-    def documents() -> Iterator[Document]:
-        for table in tables:
-            for row in table.to_pylist():
-                row["metadata"] = orjson.loads(row["metadata"]) if row["metadata"] else {}
-                yield Document.from_row(row)
-
-    stream: Iterator[Document] = documents()
+    stream: Iterator[Document] = (doc for table in tables for doc in table_documents(table))
     for step in steps:
         stream = step(stream)
     for batch in batched(stream, WRITE_BATCH_ROWS):
-        yield pa.table(_doc_columns(batch, []), schema=BASE_SCHEMA)
+        yield documents_table(batch)
 
 
 def _write_by_source(rejects: PartitionedWriter | None, table: pa.Table) -> None:
@@ -500,7 +483,7 @@ def remove_stale_files(folder: Path, written: set[str]) -> list[Path]:
     write phase makes are touched; `written` holds paths relative to `folder`'s parent."""
     removed = []
     for p in sorted(folder.rglob("*")) if folder.is_dir() else []:
-        if (p.is_file() and _DOCUMENT_NAME.fullmatch(p.name)
+        if (p.is_file() and _SHARD_KEY.fullmatch(shard_name(p.name) or "")
                 and p.relative_to(folder.parent).as_posix() not in written):
             p.unlink()
             removed.append(p)

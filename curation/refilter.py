@@ -50,26 +50,40 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-
 from curation.config import CurationConfig, StepSpec, validate_buildable
-from curation.corpus import DOCUMENTS_DIR, RUN_FILE, STATS_FILE, WORK_DIR, CorpusError, curation_root
+from curation.corpus import (
+    DOCUMENTS_DIR,
+    RUN_FILE,
+    STATS_FILE,
+    WORK_DIR,
+    CorpusError,
+    curation_root,
+    listed_files,
+)
 from curation.document import Document
 from curation.executor import make_executor
 from curation.partition import PartitionedWriter, Partitioner
 from curation.registry import DEDUP_STEPS, DOC_STEPS, ConfigError, build, resolve
 from curation.rejected import REJECTED_DIR
-from curation.step import Filter, Mapper, StepStats
-from curation.writer import BASE_SCHEMA, atomic_write_text, dumps, read_documents
+from curation.step import Filter, Mapper, StepStats, built_once
+from curation.writer import (
+    DOCUMENT_SUFFIXES,
+    atomic_write_text,
+    read_documents,
+    rows_table,
+    shard_name,
+    stored_metadata,
+    stored_row,
+)
 
 log = logging.getLogger(__name__)
 
 # The place of the dedup steps in a config's sequence of steps (`steps`, dedup, `after_dedup`).
 DEDUP = "<dedup>"
 REPORT_FILE = "report.md"
-SUFFIXES = (".parquet", ".jsonl.gz")
 WRITE_BATCH_ROWS = 2000
-_TMP_DIR = re.compile(r"\.tmp-(?P<pid>\d+)-(?P<name>.+)")
+# What `refilter` and `_publish` name their directories beside the output.
+_TMP_DIR = re.compile(r"\.(tmp|old)-(?P<pid>\d+)-(?P<name>.+)")
 
 
 class RefilterError(ConfigError):
@@ -267,22 +281,15 @@ def corpus_root(corpus: str | Path) -> Path:
     return root
 
 
-def _listed(root: Path, stats: dict[str, Any], key: str) -> list[str]:
-    paths = []
-    for entry in stats.get(key) or []:
-        rel = entry["path"]
-        if not (root / rel).is_file():
-            raise CorpusError(f"{root / rel} is listed in {root / STATS_FILE} but missing: the corpus was changed "
-                              "after its run; rerun `refinery curate` (with --overwrite to start over)")
-        if not rel.endswith(SUFFIXES):
-            raise CorpusError(f"{root / rel}: not a corpus file (expected .parquet or .jsonl.gz)")
-        paths.append(rel)
-    return paths
-
-
-def _shard_name(rel: str) -> str:
-    name = rel.rsplit("/", 1)[-1]
-    return next(name.removesuffix(s) for s in SUFFIXES if name.endswith(s))
+def _listed(root: Path, stats: dict[str, Any], key: str) -> list[tuple[str, str]]:
+    """(shard, path relative to `root`) of every file `stats` lists under `key`."""
+    out = []
+    for rel in listed_files(root, stats, key):
+        shard = shard_name(rel.rsplit("/", 1)[-1])
+        if shard is None:
+            raise CorpusError(f"{root / rel}: not a corpus file (expected {' or '.join(DOCUMENT_SUFFIXES)})")
+        out.append((shard, rel))
+    return out
 
 
 @dataclass(frozen=True)
@@ -297,10 +304,10 @@ class Unit:
 def units_of(root: Path, stats: dict[str, Any]) -> list[Unit]:
     kept: dict[str, list[str]] = {}
     rejected: dict[str, list[str]] = {}
-    for rel in _listed(root, stats, "files"):
-        kept.setdefault(_shard_name(rel), []).append(rel)
-    for rel in _listed(root, stats, "rejected_files"):
-        rejected.setdefault(_shard_name(rel), []).append(rel)
+    for shard, rel in _listed(root, stats, "files"):
+        kept.setdefault(shard, []).append(rel)
+    for shard, rel in _listed(root, stats, "rejected_files"):
+        rejected.setdefault(shard, []).append(rel)
     return [Unit(k, tuple(kept.get(k, ())), tuple(rejected.get(k, ()))) for k in sorted(set(kept) | set(rejected))]
 
 
@@ -323,16 +330,9 @@ _BUILT: dict[str, list[Any]] = {}
 
 
 def _build_steps(ctx: RefilterContext) -> list[Any]:
-    """Build CONFIG's steps once per process (a model never loads: refilter calls no model), fresh stats."""
-    key = json.dumps(ctx.config, sort_keys=True, default=str)
-    if key not in _BUILT:
-        _BUILT.clear()
-        _BUILT[key] = [None if p.kind == "dedup" else build(p.name, p.params, DOC_STEPS) for p in ctx.plan.steps]
-    steps = _BUILT[key]
-    for s in steps:
-        if s is not None:
-            s.stats = StepStats(s.name)
-    return steps
+    """CONFIG's steps (None for dedup), built once per process (refilter never calls a model)."""
+    return built_once(_BUILT, json.dumps(ctx.config, sort_keys=True, default=str), lambda: [
+        None if p.kind == "dedup" else build(p.name, p.params, DOC_STEPS) for p in ctx.plan.steps])
 
 
 class _Missing:
@@ -491,24 +491,20 @@ class _Rows:
         self.chars = 0
 
     def add(self, doc: Document, rejected: dict[str, Any] | None) -> None:
-        meta = dict(doc.metadata)
-        public = {k: v for k, v in doc.attributes.items() if not k.startswith("_")}
-        if public:
-            meta["attributes"] = public
+        meta = stored_metadata(doc)
         if rejected is not None:
             meta["rejected"] = rejected
         else:
             self.languages[meta.get("lang", "unknown")] += 1
             self.chars += len(doc.text)
         self.folders.append(self.partitioner.folder(doc.source, meta))
-        self.rows.append((doc.id, doc.text, doc.source, doc.added, doc.created, dumps(meta)))
+        self.rows.append(stored_row(doc, meta))
         if len(self.rows) >= WRITE_BATCH_ROWS:
             self.flush()
 
     def flush(self) -> None:
         if self.rows:
-            columns = [list(c) for c in zip(*self.rows, strict=True)]
-            self.writer.write(self.folders, pa.table(columns, schema=BASE_SCHEMA))
+            self.writer.write(self.folders, rows_table(self.rows))
             self.rows, self.folders = [], []
 
 
@@ -619,8 +615,9 @@ def _check_output(output: Path, root: Path, overwrite: bool) -> None:
 
 
 def _remove_stale_tmp(parent: Path, name: str) -> None:
-    """Temporary directories of killed refilter runs into the same output (their process is gone)."""
-    for p in parent.glob(f".tmp-*-{name}"):
+    """Directories that killed refilter runs into the same output left (their process is gone): a
+    half-built `.tmp-<pid>-NAME`, and the `.old-<pid>-NAME` that `_publish` moves a replaced output to."""
+    for p in [*parent.glob(f".tmp-*-{name}"), *parent.glob(f".old-*-{name}")]:
         m = _TMP_DIR.fullmatch(p.name)
         if not (m and m["name"] == name and p.is_dir()):
             continue

@@ -127,10 +127,11 @@ def _import_step(name: str, table: dict[str, str]) -> type:
     return cls
 
 
-def check_params(name: str, params: dict[str, Any] | None, table: dict[str, str]) -> type:
+def check_params(name: str, params: dict[str, Any] | None, table: dict[str, str], label: str = "") -> type:
     """Resolve a step and check its parameters without building it: names against the
     constructor's signature, values against its type hints, then the step's own
-    `validate_params(params)` hook if it has one (it raises ValueError naming the parameter)."""
+    `validate_params(params)` hook if it has one (it raises ValueError naming the parameter).
+    `label` names the step in a wrong type's message (default: step `name`)."""
     cls = resolve(name, table)
     params = params or {}
     sig = inspect.signature(cls.__init__)
@@ -146,7 +147,7 @@ def check_params(name: str, params: dict[str, Any] | None, table: dict[str, str]
     for key, value in params.items():
         problem = param_error(value, hints[key]) if key in hints else None
         if problem:
-            raise ConfigError(f"step `{name}`: parameter `{key}` {problem}")
+            raise ConfigError(f"{label or f'step `{name}`'}: parameter `{key}` {problem}")
     hook = getattr(cls, "validate_params", None)
     if hook is not None:
         try:

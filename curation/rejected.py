@@ -20,7 +20,7 @@ import orjson
 import pyarrow as pa
 
 from curation.document import Document
-from curation.writer import BASE_SCHEMA, dumps
+from curation.writer import dumps, rows_table, stored_metadata, stored_row
 
 REJECTED_DIR = "rejected"
 # Rejects buffered before they are handed on: a shard's rejects are never all in memory at once.
@@ -47,22 +47,21 @@ class RejectSink:
         return partial(self.add, step)
 
     def add(self, step: str, doc: Document, reason: str) -> None:
-        meta = dict(doc.metadata)
-        public = {k: v for k, v in doc.attributes.items() if not k.startswith("_")}
-        if public:
-            meta["attributes"] = public
+        meta = stored_metadata(doc)
         meta["rejected"] = rejection(step, reason)
-        self._rows.append((doc.id, doc.text if isinstance(doc.text, str) else "", doc.source, doc.added,
-                           doc.created, dumps(meta)))
+        row = stored_row(doc, meta)
+        if not isinstance(doc.text, str):  # a text no step could decode: the reject is kept, empty
+            row = (row[0], "", *row[2:])
+        self._rows.append(row)
         self.counts[step] += 1
         if len(self._rows) >= self.batch_rows:
             self.flush()
 
     def flush(self) -> None:
         if self._rows:
-            columns = [list(c) for c in zip(*self._rows, strict=True)]
+            table = rows_table(self._rows)
             self._rows = []
-            self.emit(pa.table(columns, schema=BASE_SCHEMA))
+            self.emit(table)
 
     @property
     def rows(self) -> int:

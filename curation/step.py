@@ -266,3 +266,17 @@ def batched(docs: Iterable[Document], size: int) -> Iterator[list[Document]]:
             batch = []
     if batch:
         yield batch
+
+
+def built_once(cache: dict[str, list[Any]], key: str, build: Callable[[], list[Any]]) -> list[Any]:
+    """The steps `build` makes for `key` (a config), built once per process so models load once:
+    `cache` keeps one config's steps, a new key replaces them. Each step (None entries aside) gets
+    fresh stats, as every shard's counts are its own."""
+    if key not in cache:
+        cache.clear()
+        cache[key] = build()
+    steps = cache[key]
+    for step in steps:
+        if step is not None:
+            step.stats = StepStats(step.name)
+    return steps

@@ -17,7 +17,8 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curation.document import Document
+from curation.document import Document, parse_metadata
+from curation.step import batched
 
 # Parquet keeps `metadata` as a JSON string: shards written by different steps (or with different
 # attribute sets) then share one schema, and readers need no schema merging.
@@ -31,6 +32,16 @@ BASE_SCHEMA = pa.schema(
         ("metadata", pa.string()),
     ]
 )
+
+
+# A corpus file's ending by `output.format`; the name before it is the shard the file holds.
+FORMAT_SUFFIXES = {"parquet": ".parquet", "dolma": ".jsonl.gz"}
+DOCUMENT_SUFFIXES = tuple(FORMAT_SUFFIXES.values())
+
+
+def shard_name(file_name: str) -> str | None:
+    """The shard a corpus file holds (`00003-x.parquet` → `00003-x`); None for another kind of file."""
+    return next((file_name.removesuffix(s) for s in DOCUMENT_SUFFIXES if file_name.endswith(s)), None)
 
 
 def dumps(obj: Any) -> str:
@@ -70,24 +81,45 @@ def atomic_write_text(final: Path, text: str) -> None:
     os.replace(tmp, final)
 
 
-def _doc_columns(docs: list[Document], internal: list[str]) -> dict[str, list[Any]]:
-    cols: dict[str, list[Any]] = {name: [] for name in BASE_SCHEMA.names}
-    for name in internal:
-        cols[name] = []
-    for d in docs:
-        cols["id"].append(d.id)
-        cols["text"].append(d.text)
-        cols["source"].append(d.source)
-        cols["added"].append(d.added)
-        cols["created"].append(d.created)
-        meta = dict(d.metadata)
-        public = {k: v for k, v in d.attributes.items() if not k.startswith("_")}
-        if public:
-            meta["attributes"] = public
-        cols["metadata"].append(dumps(meta))
-        for name in internal:
-            cols[name].append(d.attributes.get(name))
-    return cols
+def stored_metadata(doc: Document) -> dict[str, Any]:
+    """What `doc` keeps in its written `metadata`: its own, plus its public attributes (scores) under
+    `attributes`; '_' attributes are the pipeline's internal columns, never part of a corpus."""
+    meta = dict(doc.metadata)
+    public = {k: v for k, v in doc.attributes.items() if not k.startswith("_")}
+    if public:
+        meta["attributes"] = public
+    return meta
+
+
+def stored_row(doc: Document, meta: dict[str, Any]) -> tuple[str, str, str, str, str, str]:
+    """`doc` as a BASE_SCHEMA row (column order) whose metadata is `meta` (`stored_metadata(doc)`,
+    perhaps with more keys, e.g. a reject's `rejected`)."""
+    return doc.id, doc.text, doc.source, doc.added, doc.created, dumps(meta)
+
+
+def rows_table(rows: list[tuple[str, str, str, str, str, str]]) -> pa.Table:
+    """`stored_row` rows as a BASE_SCHEMA table."""
+    if not rows:
+        return BASE_SCHEMA.empty_table()
+    return pa.table([list(c) for c in zip(*rows, strict=True)], schema=BASE_SCHEMA)
+
+
+def documents_table(docs: list[Document]) -> pa.Table:
+    """Documents as a BASE_SCHEMA table, as a corpus stores them."""
+    return rows_table([stored_row(d, stored_metadata(d)) for d in docs])
+
+
+def table_documents(table: pa.Table | pa.RecordBatch) -> Iterator[Document]:
+    """The Documents of a BASE_SCHEMA table (the inverse of `documents_table`)."""
+    for row in table.to_pylist():
+        yield Document.from_row(row)
+
+
+def dolma_lines(table: pa.Table) -> Iterator[bytes]:
+    """A BASE_SCHEMA table in Dolma's layout: one JSON object per row, metadata as a nested object."""
+    for row in table.to_pylist():
+        row["metadata"] = parse_metadata(row.get("metadata"))
+        yield orjson.dumps(row) + b"\n"
 
 
 def write_parquet_docs(docs: Iterable[Document], final: Path, batch_rows: int = 2000,
@@ -102,15 +134,17 @@ def write_parquet_docs(docs: Iterable[Document], final: Path, batch_rows: int = 
     internal_names: list[str] = []
     rows = 0
     try:
-        for batch in _batched(docs, batch_rows):
+        for batch in batched(docs, batch_rows):
+            table = documents_table(batch)
+            if writer is None and internal:
+                internal_names = sorted(k for k in batch[0].attributes if k.startswith("_"))
+            for name in internal_names:
+                table = table.append_column(name, pa.array([d.attributes.get(name) for d in batch]))
             if writer is None:
-                if internal:
-                    internal_names = sorted(k for k in batch[0].attributes if k.startswith("_"))
-                table = pa.table(_doc_columns(batch, internal_names))
                 table = table.cast(_schema_for(table))
                 writer = pq.ParquetWriter(tmp, table.schema, compression="zstd")
             else:
-                table = pa.table(_doc_columns(batch, internal_names)).cast(writer.schema)
+                table = table.cast(writer.schema)
             writer.write_table(table)
             rows += len(batch)
     except BaseException:
@@ -138,24 +172,13 @@ def write_parquet_table(table: pa.Table, final: Path) -> None:
     os.replace(tmp, final)
 
 
-def write_dolma_table(table: pa.Table, final: Path) -> None:
-    """Dolma layout: one JSON object per line, gzip, metadata as a nested object."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_path(final)
-    with gzip.open(tmp, "wb", compresslevel=6) as f:
-        for row in table.to_pylist():
-            row["metadata"] = orjson.loads(row["metadata"]) if row.get("metadata") else {}
-            f.write(orjson.dumps(row) + b"\n")
-    os.replace(tmp, final)
-
-
-def read_documents(path: str | Path) -> Iterator[Document]:
-    """Read back a Parquet or Dolma shard written by this module."""
+def read_documents(path: str | Path, batch_rows: int = 2000) -> Iterator[Document]:
+    """Read back a Parquet or Dolma shard written by this module, `batch_rows` Parquet rows at a time."""
     path = Path(path)
     if path.suffix == ".parquet":
-        for row in pq.read_table(path, columns=BASE_SCHEMA.names).to_pylist():
-            row["metadata"] = orjson.loads(row["metadata"]) if row["metadata"] else {}
-            yield Document.from_row(row)
+        with pq.ParquetFile(path) as pf:
+            for batch in pf.iter_batches(batch_rows, columns=BASE_SCHEMA.names):
+                yield from table_documents(batch)
     elif path.name.endswith(".jsonl.gz"):
         with gzip.open(path, "rb") as f:
             for line in f:
@@ -163,14 +186,3 @@ def read_documents(path: str | Path) -> Iterator[Document]:
                     yield Document.from_row(orjson.loads(line))
     else:
         raise ValueError(f"not a corpus shard (expected .parquet or .jsonl.gz): {path}")
-
-
-def _batched(docs: Iterable[Document], n: int) -> Iterator[list[Document]]:
-    batch: list[Document] = []
-    for d in docs:
-        batch.append(d)
-        if len(batch) >= n:
-            yield batch
-            batch = []
-    if batch:
-        yield batch

@@ -12,6 +12,7 @@ import csv
 import gzip
 import io
 import json
+import logging
 import re
 import sysconfig
 from collections.abc import Iterator
@@ -22,6 +23,8 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from proxy_mix.config import MixConfigError
+
+log = logging.getLogger(__name__)
 
 DOC_SUFFIXES = (".parquet", ".jsonl", ".jsonl.gz", ".json.gz", ".jsonl.zst")
 TEXT_SUFFIXES = (".txt", ".raw", ".md")
@@ -107,16 +110,29 @@ def read_documents(path: Path, files: list[Path] | None = None) -> Iterator[Doc]
                     if doc is not None:
                         yield doc
         else:
-            with _open_lines(f) as fh:
-                for n, line in enumerate(fh):
-                    if not line.strip():
-                        continue
-                    try:
-                        doc = _row_doc(json.loads(line), f"{f.name}:{n}")
-                    except ValueError:
-                        continue
-                    if doc is not None:
-                        yield doc
+            yield from _json_lines_docs(f)
+
+
+def _json_lines_docs(f: Path) -> Iterator[Doc]:
+    """Documents of a JSON-lines file; a line that is not JSON is skipped, counted and logged."""
+    bad, first = 0, 0
+    try:
+        with _open_lines(f) as fh:
+            for n, line in enumerate(fh):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    bad += 1
+                    first = first or n + 1
+                    continue
+                doc = _row_doc(row, f"{f.name}:{n}")
+                if doc is not None:
+                    yield doc
+    finally:  # also when the reader stops early (a source's document cap)
+        if bad:
+            log.warning("%s: skipped %d lines that are not valid JSON (the first is line %d)", f, bad, first)
 
 
 def split_text(text: str, chunk_chars: int) -> Iterator[str]:

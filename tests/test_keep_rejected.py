@@ -231,3 +231,34 @@ def test_a_step_that_counts_drops_by_hand_is_reported(caplog: pytest.LogCaptureF
     with caplog.at_level(logging.WARNING):
         _check_rejects_complete([short, step], sink)
     assert [r.getMessage()[:40] for r in caplog.records] == ["step hand dropped 2 documents but handed"]
+
+
+HAND_COUNTED = '''
+from curation.step import Step
+
+
+class HandCounted(Step):
+    name = "hand"
+
+    def run(self, docs):
+        for doc in docs:
+            if len(doc.text) % 2:
+                self.stats.dropped["hand.odd"] += 1  # bypasses Step.drop
+            else:
+                yield doc
+'''
+
+
+@pytest.mark.parametrize("section", ["steps", "after_dedup"])
+def test_a_step_that_counts_drops_by_hand_is_reported_in_either_phase(
+    section: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    (tmp_path / "hand_counted_steps.py").write_text(HAND_COUNTED)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps({"id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(["ab", "abc", "abcd"])))
+    cfg = CurationConfig.from_dict({"reader": "dolma", section: ["hand_counted_steps:HandCounted"]})
+    with caplog.at_level(logging.WARNING, logger="curation.pipeline"):
+        stats = curate(cfg, [str(path)], tmp_path / "out", progress=False, keep_rejected=True)
+    assert stats["documents_written"] == 2 and stats["rejected_files"] == []
+    assert [r.getMessage()[:48] for r in caplog.records] == ["step hand dropped 1 documents but handed 0 to St"]

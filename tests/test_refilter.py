@@ -7,6 +7,8 @@ import copy
 import hashlib
 import io
 import json
+import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -390,3 +392,21 @@ def test_ray_executor_writes_what_the_local_one_writes(wet_corpus: dict[str, Pat
     assert ray["refilter"] == local["refilter"]
     for key in ("files", "rejected_files"):
         assert _docs(tmp_path / "ray", key) == _docs(tmp_path / "local", key)
+
+
+def test_leftovers_of_a_refilter_killed_while_publishing_are_removed(wet_corpus: dict[str, Path],
+                                                                    tmp_path: Path) -> None:
+    """A kill between `_publish`'s two renames leaves the replaced output as `.old-<pid>-NAME`
+    (and the finished one as `.tmp-<pid>-NAME`); the next run into NAME removes both, and leaves
+    a live process's and another output's alone."""
+    child = subprocess.Popen(["true"])
+    child.wait()
+    dead = child.pid  # exited and reaped: no process holds this pid now
+    left = [tmp_path / f".old-{dead}-out", tmp_path / f".tmp-{dead}-out"]
+    kept = [tmp_path / f".old-{dead}-other", tmp_path / f".old-{os.getppid()}-out"]
+    for d in left + kept:
+        (d / "documents").mkdir(parents=True)
+        (d / "stats.json").write_text("{}")
+    refilter(wet_corpus["corpus"], wet_corpus["config"], tmp_path / "out", progress=False)
+    assert _urls(tmp_path / "out") == KEPT
+    assert not any(d.exists() for d in left) and all(d.is_dir() for d in kept)

@@ -12,8 +12,9 @@ from curation.document import Document
 from curation.writer import (
     BASE_SCHEMA,
     clean_tmp,
+    documents_table,
+    dolma_lines,
     read_documents,
-    write_dolma_table,
     write_parquet_docs,
 )
 
@@ -63,15 +64,25 @@ def test_failed_write_leaves_no_partial_file(tmp_path: Path) -> None:
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
+def test_parquet_is_read_back_batch_by_batch_in_file_order(tmp_path: Path) -> None:
+    out = tmp_path / "a.parquet"
+    write_parquet_docs(_docs(), out, batch_rows=2)
+    stream = read_documents(out, batch_rows=2)
+    assert next(stream).id == "d0"  # lazily: the rest of the file is not read yet
+    assert [d.id for d in stream] == [f"d{i}" for i in range(1, 5)]
+
+
 def test_dolma_layout_is_gzip_jsonl_with_nested_metadata(tmp_path: Path) -> None:
-    src = tmp_path / "a.parquet"
-    write_parquet_docs(_docs(), src)
     out = tmp_path / "documents" / "a.jsonl.gz"
-    write_dolma_table(pq.read_table(src), out)
+    out.parent.mkdir()
+    with gzip.open(out, "wb") as f:
+        f.writelines(dolma_lines(documents_table(_docs())))
     rows = [json.loads(line) for line in gzip.open(out, "rt")]
     assert set(rows[0]) == {"id", "text", "source", "added", "created", "metadata"}
-    assert rows[3]["metadata"]["attributes"]["gopher.word_count"] == 3
-    assert [d.id for d in read_documents(out)] == [f"d{i}" for i in range(5)]
+    assert rows[3]["metadata"]["attributes"] == {"gopher.word_count": 3}  # '_' attributes stay out
+    back = list(read_documents(out))
+    assert [d.id for d in back] == [f"d{i}" for i in range(5)]
+    assert back[3].attributes == {"gopher.word_count": 3} and back[3].metadata == {"url": "https://e.x/3", "lang": "en"}
 
 
 def test_clean_tmp_removes_leftovers_of_a_killed_run(tmp_path: Path) -> None:

@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 from curation.document import Document
 from curation.filters.words import word_splitter
 from curation.param_types import param_error, param_hints
+from curation.step import StepStats
 
 # English names of the languages web crawls hold most, to suggest the code for a name in a config.
 LANGUAGE_NAMES = {
@@ -84,6 +85,18 @@ class PerLanguage:
     per_language: dict[str, dict[str, Any]]
     _variants: dict[str, Any]
 
+    @property
+    def stats(self) -> StepStats:
+        return self._stats
+
+    @stats.setter
+    def stats(self, value: StepStats) -> None:
+        # The pipeline gives a step fresh stats per shard; a language's instance (c4's line rules run
+        # on it) must count into those, not into the stats the step was built with.
+        self._stats = value
+        for variant in getattr(self, "_variants", {}).values():
+            variant.stats = value
+
     @classmethod
     def overridable_params(cls) -> list[str]:
         fixed = {"self", "languages", "per_language"} | cls.fixed_params
@@ -112,7 +125,7 @@ class PerLanguage:
             except (TypeError, ValueError) as e:
                 raise ValueError(f"parameter `per_language.{lang}`: {e}") from e
             variant.lang = lang
-            variant.stats = self.stats  # type: ignore[attr-defined]  # what it counts is this step's
+            variant.stats = self.stats  # what it counts is this step's (see `stats`)
             self._variants[lang] = variant
 
     @classmethod
@@ -167,10 +180,10 @@ class PerLanguage:
         lang = doc.attributes.get("lid.lang")
         if lang is None:
             if count and (self.per_language or self.languages is not None):
-                self.stats.counters[f"{self.name}.no_language"] += 1  # type: ignore[attr-defined]
+                self.stats.counters[f"{self.name}.no_language"] += 1
             return self
         if self.languages is not None and lang not in self.languages:
             if count:
-                self.stats.counters[f"{self.name}.other_language"] += 1  # type: ignore[attr-defined]
+                self.stats.counters[f"{self.name}.other_language"] += 1
             return None
         return self._variants.get(lang, self)

@@ -11,13 +11,17 @@ a damaged one a counted error, and reading goes on with the next file.
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Iterator
-from typing import ClassVar
+from collections.abc import Callable, Iterator
+from typing import ClassVar, TypeVar
 
 from curation.corpus import curated_files
 from curation.document import Document
+from curation.read.inputs import MissingBackend
 from curation.step import StepStats
+
+T = TypeVar("T")
 
 
 class Reader:
@@ -39,6 +43,21 @@ class Reader:
     def read(self, path: str) -> Iterator[Document]:
         """Documents of one input file, in file order. Never raises for a bad file."""
         raise NotImplementedError
+
+    def opened(self, path: str, opener: Callable[[], T]) -> T | None:
+        """What `opener` opens for input `path` (e.g. `open_input(path, self.cache_dir)`); None when
+        it cannot (a missing file, a failed download): a counted, logged `read.unavailable` error,
+        retried on a rerun. A missing backend is raised: a setup problem for every remote input,
+        not a fault of this file."""
+        try:
+            return opener()
+        except MissingBackend:
+            raise
+        except Exception as e:  # noqa: BLE001 - whatever kept the input from opening, retried on a rerun
+            self.stats.error("read.unavailable", file=str(path), message=f"{type(e).__name__}: {e}")
+            logging.getLogger(type(self).__module__).warning(
+                "%s: unavailable (%s: %s); a rerun retries it", path, type(e).__name__, e)
+            return None
 
     def files_in(self, directory: str) -> list[str]:
         """The input files a directory given as input stands for: a finished curation output's

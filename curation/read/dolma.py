@@ -14,6 +14,7 @@ import gzip
 import io
 import zlib
 from collections.abc import Iterator
+from functools import partial
 from typing import IO, Any, ClassVar
 
 import orjson
@@ -33,12 +34,8 @@ class DolmaReader(RowReader):
     suffixes: ClassVar[tuple[str, ...]] = DOLMA_SUFFIXES
 
     def read(self, path: str) -> Iterator[Document]:
-        try:
-            raw = open_input(path, self.cache_dir)
-        except MissingBackend:
-            raise  # a setup problem for every remote input, not a fault of this file
-        except Exception as e:  # noqa: BLE001 - missing file, failed download: retried on a rerun
-            self.stats.error("read.unavailable", file=str(path), message=f"{type(e).__name__}: {e}")
+        raw = self.opened(path, partial(open_input, path, self.cache_dir))
+        if raw is None:
             return
         lines = 0
         try:

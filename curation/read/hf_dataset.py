@@ -14,6 +14,7 @@ import importlib.util
 import json
 import os
 from collections.abc import Iterator, Sequence
+from functools import partial
 from typing import Any, ClassVar, Literal
 
 import pyarrow as pa
@@ -78,15 +79,18 @@ class HfDatasetReader(RowReader):
         return files
 
     def read(self, path: str) -> Iterator[Document]:
-        try:
-            local = str(download(path, self.cache_dir)) if is_remote(path) else path
-            if not os.path.isfile(local):
-                raise FileNotFoundError(local)
-        except Exception as e:  # noqa: BLE001 - missing file, failed download: retried on a rerun
-            self.stats.error("read.unavailable", file=str(path), message=f"{type(e).__name__}: {e}")
+        local = self.opened(path, partial(self._local, path))
+        if local is None:
             return
         batches = _datasets_batches(local) if self.backend == "datasets" else _arrow_batches(local)
         yield from self.documents(self._rows(batches, str(path)), str(path))
+
+    def _local(self, path: str) -> str:
+        """The Arrow file on this machine (a remote one downloaded into the cache)."""
+        local = str(download(path, self.cache_dir)) if is_remote(path) else path
+        if not os.path.isfile(local):
+            raise FileNotFoundError(local)
+        return local
 
     def _rows(self, batches: Iterator[list[dict[str, Any]]], path: str) -> Iterator[tuple[int, Any]]:
         row = 0

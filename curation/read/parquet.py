@@ -10,13 +10,14 @@ counted `read.malformed` error; a row without text is a counted `read.bad_row`.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import partial
 from typing import Any, ClassVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curation.document import Document
-from curation.read.inputs import MissingBackend, open_input
+from curation.read.inputs import open_input
 from curation.read.rows import RowReader
 
 # Rows per record batch: large enough to amortize Arrow's per-batch cost, small enough that a
@@ -30,12 +31,8 @@ class ParquetReader(RowReader):
     suffixes: ClassVar[tuple[str, ...]] = (".parquet",)
 
     def read(self, path: str) -> Iterator[Document]:
-        try:
-            raw = open_input(path, self.cache_dir)
-        except MissingBackend:
-            raise
-        except Exception as e:  # noqa: BLE001 - missing file, failed download: retried on a rerun
-            self.stats.error("read.unavailable", file=str(path), message=f"{type(e).__name__}: {e}")
+        raw = self.opened(path, partial(open_input, path, self.cache_dir))
+        if raw is None:
             return
         with raw:
             try:

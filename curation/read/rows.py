@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 
-from curation.document import Document
+from curation.document import Document, parse_metadata
 from curation.read.base import Reader
 from curation.read.control_chars import strip_control_chars
 
@@ -83,15 +83,12 @@ class RowReader(Reader):
         text, removed = strip_control_chars(text)
         if removed:
             self.stats.counters["control_chars_removed"] += removed
-        meta = row.get("metadata")
-        if isinstance(meta, str | bytes):
-            try:
-                meta = orjson.loads(meta) if meta else {}
-            except orjson.JSONDecodeError as e:
-                raise BadRow(f"`metadata` is not valid JSON: {e}") from None
-        meta = dict(meta or {}) if isinstance(meta, dict) or meta is None else None
-        if meta is None:
-            raise BadRow(f"`metadata` is a {type(row['metadata']).__name__}, not a mapping")
+        try:
+            meta = parse_metadata(row.get("metadata"))
+        except orjson.JSONDecodeError as e:
+            raise BadRow(f"`metadata` is not valid JSON: {e}") from None
+        except TypeError as e:
+            raise BadRow(str(e)) from None
         for key, value in row.items():  # a foreign table's other columns
             if key not in _DOLMA_FIELDS and key not in (self.text_key, self.id_key) and value is not None:
                 meta.setdefault(key, _plain(value))

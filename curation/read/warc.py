@@ -33,6 +33,7 @@ import time
 import zlib
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 from curation.document import Document
@@ -102,13 +103,8 @@ class WarcReader(Reader):
         stats = self.stats
         cursor = _Cursor()
         t0 = time.perf_counter()
-        try:
-            raw_file = open_input(path, self.cache_dir)
-        except MissingBackend:
-            raise  # a setup problem for every remote input, not a fault of this file
-        except Exception as e:  # noqa: BLE001 - missing file, failed download: retried on a rerun
-            stats.error("read.unavailable", file=str(path), message=f"{type(e).__name__}: {e}")
-            log.warning("%s: unavailable (%s: %s); a rerun retries it", path, type(e).__name__, e)
+        raw_file = self.opened(path, partial(open_input, path, self.cache_dir))
+        if raw_file is None:
             return
         try:
             with raw_file as raw:
