@@ -342,7 +342,11 @@ def ray_two_cpus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Ray
         mp.setenv("RAY_AUTH_MODE", "disabled")
         mp.syspath_prepend(str(folder))
         import a2_ray_steps
+        import ray
 
+        # A Ray left running by an earlier test has workers without this PYTHONPATH and other CPUs.
+        if ray.is_initialized():
+            ray.shutdown()
         ex = RayExecutor(num_cpus=2, progress=False)
         try:
             yield ex, a2_ray_steps.timed_resources
