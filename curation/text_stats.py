@@ -275,19 +275,28 @@ def _split_new(chunk: str) -> tuple[str, ...]:
     return _split_chunk(chunk)
 
 
-def split_words(text: str) -> list[str]:
-    """The words of `text` as datatrove's English `split_into_words` would return them."""
-    cache = _CHUNK_CACHE
+def split_cached(text: str, cache: dict[str, tuple[str, ...]], split_missing: Callable[[set[str]], None],
+                 max_size: int = _CHUNK_CACHE_MAX) -> list[str]:
+    """The words of `text`, split at whitespace into chunks and each chunk into words through
+    `cache`; `split_missing(chunks)` puts the chunks never seen before into the cache. Set and map
+    operations run in C, so only new chunks reach Python code (words repeat across documents)."""
     chunks = text.split()
-    # Set and map operations run in C; only chunks never seen before reach Python code.
     missing = set(chunks).difference(cache)
     if missing:
-        if len(cache) + len(missing) > _CHUNK_CACHE_MAX:
+        if len(cache) + len(missing) > max_size:
             cache.clear()
             missing = set(chunks)
-        for chunk in missing:
-            cache[chunk] = _split_new(chunk)
+        split_missing(missing)
     return list(chain.from_iterable(map(cache.__getitem__, chunks)))
+
+
+def _split_english(chunks: set[str]) -> None:
+    _CHUNK_CACHE.update((chunk, _split_new(chunk)) for chunk in chunks)
+
+
+def split_words(text: str) -> list[str]:
+    """The words of `text` as datatrove's English `split_into_words` would return them."""
+    return split_cached(text, _CHUNK_CACHE, _split_english)
 
 
 class TextView:

@@ -32,7 +32,6 @@ import functools
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import nn
 
+from training.atomic import atomic_write, atomic_write_text
 from training.config import ConfigError
 
 if TYPE_CHECKING:
@@ -354,17 +354,6 @@ def _from_peft_key(key: str) -> str:
     return name[len("model."):] if name.startswith("model.") else name
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _write_adapter(tensors: Mapping[str, torch.Tensor], peft_config: Any, out_dir: str | os.PathLike[str],
                    base_model_name_or_path: str | None, task_type: str) -> Path:
     from safetensors.torch import save_file
@@ -380,9 +369,9 @@ def _write_adapter(tensors: Mapping[str, torch.Tensor], peft_config: Any, out_di
                        inference_mode=True)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / ADAPTER_WEIGHTS, lambda p: save_file(file_tensors, p, metadata={"format": "pt"}))
+    atomic_write(out / ADAPTER_WEIGHTS, lambda p: save_file(file_tensors, p, metadata={"format": "pt"}))
     text = json.dumps(config_dict, indent=2, sort_keys=True) + "\n"
-    _atomic_write(out / ADAPTER_CONFIG, lambda p: Path(p).write_text(text))
+    atomic_write_text(out / ADAPTER_CONFIG, text)
     return out
 
 

@@ -37,7 +37,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
 from array import array
@@ -50,6 +49,7 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
+from training.atomic import TMP_PREFIX, atomic_save_npy, atomic_write, atomic_write_text
 from training.chat_formats import (
     FORMATS,
     PAIR_FORMATS,
@@ -196,20 +196,6 @@ def _dtype_for_vocab(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 
 
-def _atomic_save(path: Path, arr: np.ndarray) -> int:
-    tmp = path.with_name(f".tmp-{path.name}")
-    with open(tmp, "wb") as f:
-        np.save(f, arr)
-    os.replace(tmp, path)
-    return path.stat().st_size
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 class _ShardWriter:
     """Accumulates sequences of one input and one split; writes a shard every `shard_tokens`."""
 
@@ -237,9 +223,9 @@ class _ShardWriter:
         names = {k: f"{stem}.{k}.npy" for k in ("tokens", "mask", "idx")}
         mask = np.frombuffer(self.mask, dtype=np.uint8)
         nbytes = [
-            _atomic_save(self.root / names["tokens"], np.frombuffer(self.tokens, dtype=self.dtype)),
-            _atomic_save(self.root / names["mask"], mask),
-            _atomic_save(self.root / names["idx"], np.asarray(self.ends, dtype=np.int64)),
+            atomic_save_npy(self.root / names["tokens"], np.frombuffer(self.tokens, dtype=self.dtype)),
+            atomic_save_npy(self.root / names["mask"], mask),
+            atomic_save_npy(self.root / names["idx"], np.asarray(self.ends, dtype=np.int64)),
         ]
         self.records.append({**names, "input": self.rel, "sequences": len(self.ends),
                              "num_tokens": len(self.tokens), "target_tokens": int(mask.sum()),
@@ -329,12 +315,11 @@ def _copy_tokenizer(src: Path, out: Path, template: ChatTemplate) -> str:
         raise ValueError(f"{out} already holds chat shards made with a different tokenizer; "
                          "use a new output directory")
     if src.resolve() != dst.resolve():
-        shutil.copyfile(src, out / ".tmp-tokenizer.json")
-        os.replace(out / ".tmp-tokenizer.json", dst)
+        atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
     cfg_src = src.with_name("tokenizer_config.json")
     config = json.loads(cfg_src.read_text()) if cfg_src.is_file() else {}
     config["chat_template"] = template.jinja()
-    _atomic_text(out / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
+    atomic_write_text(out / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
     return sha
 
 
@@ -393,7 +378,7 @@ def tokenize_chat(
     roots = {"train": out, **({HELDOUT_DIR: out / HELDOUT_DIR} if holdout > 0 else {})}
     for root in roots.values():
         root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(".tmp-*"):  # left by a killed run
+        for stale in root.glob(f"{TMP_PREFIX}*"):  # left by a killed run
             stale.unlink(missing_ok=True)
         tok_sha = _copy_tokenizer(tok_path, root, template)
     if holdout == 0 and (out / HELDOUT_DIR / "manifest.json").is_file():
@@ -415,7 +400,7 @@ def tokenize_chat(
         for w in writers.values():
             w.flush()
         record = {"settings": settings, "stats": stats, **{s: w.records for s, w in writers.items()}}
-        _atomic_text(marker, json.dumps(record))
+        atomic_write_text(marker, json.dumps(record))
         results.append({**record, "status": "done"})
         dropped = ", ".join(f"{r} {n}" for r, n in sorted(stats["dropped"].items())) or "none"
         log.info("%s (%s): %d rows, %d kept, %d held out, dropped: %s", f.name, ff, stats["rows"],
@@ -481,7 +466,7 @@ def _write_manifests(results: list[dict[str, Any]], roots: dict[str, Path], kind
             "inputs": inputs,
             "shards": shards,
         }
-        _atomic_text(root / "manifest.json", json.dumps(manifest, indent=1) + "\n")
+        atomic_write_text(root / "manifest.json", json.dumps(manifest, indent=1) + "\n")
         manifests[split] = manifest
     summary = {
         "manifest": str(roots["train"] / "manifest.json"), "kind": kind,

@@ -16,8 +16,7 @@ it), never as an exception, so one bad request does not lose a batch. Two backen
   rendered in a sandboxed Jinja environment as `transformers` does. Generation stops at the
   template's end-of-turn token and the config's `eos_token_id`(s).
 
-`training/rewards/judge.py` has the same HTTP protocol for greedy grading; this module is the
-general client (sampling parameters per call), which the judge can move onto.
+`training/rewards/judge.py`'s HTTP judge is this client with greedy sampling parameters.
 """
 
 from __future__ import annotations

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from training.atomic import atomic_save_npy, atomic_write_text
 from training.logprobs import sequence_logps
 
 FORMAT_VERSION = 1
@@ -109,20 +109,6 @@ def load_or_compute(path: Path, compute: Callable[[], torch.Tensor], *, is_main:
     table = compute().numpy().astype(np.float32)
     if is_main:
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path.with_suffix(".json"), (json.dumps(metadata, indent=2) + "\n").encode())
-        _atomic_write(path, lambda f: np.save(f, table, allow_pickle=False))  # the table last: it marks done
+        atomic_write_text(path.with_suffix(".json"), json.dumps(metadata, indent=2) + "\n")
+        atomic_save_npy(path, table)  # the table last: it marks done
     return table, True
-
-
-def _atomic_write(target: Path, content: bytes | Callable[[Any], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if isinstance(content, bytes):
-                f.write(content)
-            else:
-                content(f)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

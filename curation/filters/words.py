@@ -20,16 +20,14 @@ from __future__ import annotations
 import bisect
 import re
 from collections.abc import Callable
-from itertools import chain
 from typing import Any
 
-from curation.text_stats import split_words
+from curation.text_stats import split_cached, split_words
 
 WordSplit = Callable[[str], list[str]]
 
 # A chunk of letters only or digits only: spaCy keeps it whole unless it is a special case.
 _PLAIN = re.compile(r"[^\W\d_]+|[0-9]+").fullmatch
-_CACHE_MAX = 500_000
 # Joins a document's new chunks for one spaCy call: the newline is a token of its own, so no
 # special case spanning a space ("EE. UU.") can join the end of one chunk to the next.
 _JOIN = " \n "
@@ -92,15 +90,7 @@ class SpacyChunkSplit:
         tokenizer = self.tokenizer
         if self._spanning and any(k in text for k in self._spanning):
             return [w for w in (t.text.strip() for t in tokenizer(text)) if w]
-        cache = self._cache
-        chunks = text.split()
-        missing = set(chunks).difference(cache)
-        if missing:
-            if len(cache) + len(missing) > _CACHE_MAX:
-                cache.clear()
-                missing = set(chunks)
-            self._add(missing)
-        return list(chain.from_iterable(map(cache.__getitem__, chunks)))
+        return split_cached(text, self._cache, self._add)
 
 
 def _build(lang: str) -> WordSplit:

@@ -11,15 +11,10 @@ cannot raise the reward); an endpoint that fails after retries is counted in `st
 
 from __future__ import annotations
 
-import json
 import re
 import threading
-import time
-import urllib.error
-import urllib.request
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -76,50 +71,20 @@ class JudgeBackend(ABC):
 
 class HTTPJudge(JudgeBackend):
     """An OpenAI-compatible `/chat/completions` endpoint; `base_url` like `http://host:8000/v1`.
-    Requests go out `concurrency` at a time; a failed one is retried `retries` times."""
+    Requests go out `concurrency` at a time; a failed one is retried `retries` times. The protocol is
+    `training.llm_client.OpenAIChatClient`'s; this only fixes the judge's sampling."""
 
     def __init__(self, base_url: str, model: str, api_key: str | None = None, max_tokens: int = 256,
                  temperature: float = 0.0, timeout_s: float = 60.0, retries: int = 2, concurrency: int = 8) -> None:
-        if not base_url.startswith(("http://", "https://")):
-            raise ValueError(f"judge base_url must start with http:// or https://, got {base_url!r}")
-        self.url = base_url.rstrip("/") + "/chat/completions"
-        self.model, self.api_key = model, api_key
-        self.max_tokens, self.temperature = max_tokens, temperature
-        self.timeout_s, self.retries, self.concurrency = timeout_s, retries, concurrency
-        self.last_errors: list[str] = []
+        from training.llm_client import OpenAIChatClient
+        from training.sampling import SamplingParams
 
-    def _one(self, messages: list[dict[str, str]]) -> str | None:
-        body = json.dumps({"model": self.model, "messages": messages, "max_tokens": self.max_tokens,
-                           "temperature": self.temperature}).encode()
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        error = ""
-        for attempt in range(self.retries + 1):
-            request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                    payload = json.loads(response.read())
-                content = payload["choices"][0]["message"]["content"]
-                if not isinstance(content, str):
-                    raise TypeError(f"message content is {type(content).__name__}")
-                return content
-            except urllib.error.HTTPError as e:
-                error = f"HTTP {e.code}"
-                if e.code < 500 and e.code != 429:  # a client error will not heal by retrying
-                    break
-            except (urllib.error.URLError, TimeoutError, OSError) as e:
-                error = f"{type(e).__name__}: {e}"
-            except (ValueError, KeyError, IndexError, TypeError) as e:
-                error = f"malformed response: {type(e).__name__}: {e}"
-                break
-            time.sleep(min(0.5 * 2**attempt, 5.0))
-        self.last_errors.append(error)
-        return None
+        self.client = OpenAIChatClient(base_url, model=model, api_key=api_key, concurrency=concurrency,
+                                       retries=retries, timeout_s=timeout_s)
+        self.params = SamplingParams(max_new_tokens=max_tokens, temperature=temperature)
 
     def complete(self, conversations: Sequence[list[dict[str, str]]]) -> list[str | None]:
-        with ThreadPoolExecutor(max(1, min(self.concurrency, len(conversations)))) as pool:
-            return list(pool.map(self._one, conversations))
+        return [reply.text for reply in self.client.complete(conversations, self.params)]
 
 
 class HFJudge(JudgeBackend):
